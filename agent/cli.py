@@ -1,0 +1,131 @@
+"""The `agent` command: a thin typer shell over library functions (each command calls one)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Protect photos with self-recoverable adversarial examples.", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        fail(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for, but no CUDA GPU is available here")
+
+
+def print_metrics(title: str, figures: dict[str, float]) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in figures.items():
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-output"), "-o", "--out", help="folder for the three PNGs"),
+    image: Optional[Path] = typer.Option(None, help="a photo of your own instead of the bundled sample"),
+) -> None:
+    """Protect and then recover a photo with the shipped model; writes original/protected/recovered."""
+    from .demo import run_demo
+
+    try:
+        figures = run_demo(out, image_path=image)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    print_metrics("protect → recover", figures)
+    console.print(f"images written to {out}/")
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(Path("runs/cifar10"), "-o", "--out", help="run folder (checkpoint, model, history)"),
+    epochs: int = typer.Option(150, min=1),
+    batch_size: int = typer.Option(128, min=1),
+    lr: float = typer.Option(1e-3, min=0.0),
+    lr_step: int = typer.Option(50, min=1, help="multiply the learning rate by --lr-gamma every N epochs"),
+    lr_gamma: float = typer.Option(0.1, min=0.0),
+    width: int = typer.Option(16, min=1, help="base channel width of G and R"),
+    g_depth: int = typer.Option(4, min=0, help="residual blocks in G"),
+    r_depth: int = typer.Option(4, min=0, help="residual blocks in R"),
+    epsilon: float = typer.Option(8.0, min=0.0, help="L-infinity bound, in grey levels out of 255"),
+    down: str = typer.Option("conv", help="DR down-sampling: conv, avg, max, or none (no DR)"),
+    up: str = typer.Option("nearest", help="DR up-sampling: nearest, unpool, deconv"),
+    kernel: int = typer.Option(2, min=2, help="DR kernel and stride"),
+    skip: bool = typer.Option(True, help="DR skip connection"),
+    recover_weight: float = typer.Option(1.0, min=0.0, help="weight of R's error in G's loss"),
+    alpha: float = typer.Option(1.0, min=0.0, help="weight of L_R_mse in R's loss"),
+    beta: float = typer.Option(0.0, min=0.0, help="weight of L_R_adv in R's loss"),
+    target: list[str] = typer.Option(["cifar-resnet20"], help="classifier(s) to fool"),
+    transfer: list[str] = typer.Option(["cifar-resnet56"], help="classifier(s) to measure transfer on"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    limit: Optional[int] = typer.Option(None, min=1, help="train on the first N images only"),
+    resume: bool = typer.Option(True, help="continue from the run folder's checkpoint"),
+) -> None:
+    """Train the RGAN jointly on CIFAR-10 (first 8,000 images) and evaluate it on the other 2,000."""
+    from .rgan.config import ModelConfig, ReducerConfig, TrainConfig
+    from .experiments import train_and_evaluate
+
+    check_device(device)
+    if down not in ("conv", "avg", "max", "none"):
+        fail(f"--down must be conv, avg, max or none, got {down!r}")
+    if up not in ("nearest", "unpool", "deconv"):
+        fail(f"--up must be nearest, unpool or deconv, got {up!r}")
+    if alpha == 0 and beta == 0:
+        fail("R needs a loss: --alpha and --beta cannot both be 0")
+    config = TrainConfig(
+        model=ModelConfig(
+            width=width, g_depth=g_depth, r_depth=r_depth, epsilon=epsilon / 255,
+            reducer=ReducerConfig(down=None if down == "none" else down, up=up, kernel=kernel, skip=skip),
+        ),
+        targets=tuple(target), epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
+        lr_gamma=lr_gamma, recover_weight=recover_weight, alpha=alpha, beta=beta, seed=seed,
+        device=device, train_limit=limit,
+    )
+    try:
+        figures = train_and_evaluate(config, out, transfer=tuple(transfer), resume=resume)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    print_metrics(f"held-back CIFAR-10 ({out})", figures)
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="a model.safetensors written by `agent train`"),
+    target: str = typer.Option("cifar-resnet20"),
+    transfer: list[str] = typer.Option(["cifar-resnet56"]),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Evaluate a trained model on the 2,000 held-back CIFAR-10 images."""
+    from .experiments import evaluate_model_file
+
+    try:
+        figures = evaluate_model_file(model, target, tuple(transfer))
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    if as_json:
+        console.print_json(json.dumps(figures))
+    else:
+        print_metrics(str(model), figures)
+
+
+if __name__ == "__main__":
+    app()

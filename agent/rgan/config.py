@@ -1,0 +1,87 @@
+"""Every option of the RGAN networks and of their training, in one typed place.
+
+`ModelConfig` describes what is needed to rebuild the networks (it travels with the weights);
+`TrainConfig` adds how they were trained. Both round-trip through plain dicts so that they can be
+stored as JSON inside safetensors metadata and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DownMode = Literal["conv", "avg", "max"]
+UpMode = Literal["nearest", "unpool", "deconv"]
+
+
+@dataclass(frozen=True)
+class ReducerConfig:
+    """The dimension reducer DR (paper §3.2, Table 1); `down=None` is the paper's "NA" model."""
+
+    down: DownMode | None = "conv"
+    up: UpMode = "nearest"
+    kernel: int = 2
+    skip: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    width: int = 16
+    g_depth: int = 4
+    r_depth: int = 4
+    d_width: int = 32
+    # L-infinity bound of the perturbation on [0, 1] pixels, enforced by epsilon * tanh(.)
+    epsilon: float = 8 / 255
+    reducer: ReducerConfig = field(default_factory=ReducerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        data = dict(data)
+        data["reducer"] = ReducerConfig(**data.get("reducer", {}))
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # target classifiers that G must fool, by name (see agent.classifiers)
+    targets: tuple[str, ...] = ("cifar-resnet20",)
+    epochs: int = 150
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_step: int = 50
+    lr_gamma: float = 0.1
+    # D's learning rate relative to lr: a critic that learns too fast makes λ1·L_G_dis swamp the
+    # attack term (a perfect detector of an 8/255 perturbation is easy to train)
+    d_lr_scale: float = 1.0
+    # L_G = L_G_adv + lambda_dis * L_G_dis + lambda_mse * L_G_mse + recover_weight * L_R_mse
+    lambda_dis: float = 10.0
+    lambda_mse: float = 1.0
+    recover_weight: float = 1.0
+    # C&W margin confidence: L_G_adv stops pushing once the runner-up logit leads by kappa
+    kappa: float = 5.0
+    # R's loss = alpha * L_R_mse + beta * L_R_adv (paper Table 2)
+    alpha: float = 1.0
+    beta: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    # bf16 autocast; only used on CUDA
+    amp: bool = True
+    train_limit: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        data = dict(data)
+        data["model"] = ModelConfig.from_dict(data.get("model", {}))
+        data["targets"] = tuple(data.get("targets", ()))
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)

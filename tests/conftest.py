@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from agent.data import load_cifar10, shared_dir
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def cifar_train():
+    if not (shared_dir() / "data" / "cifar10").exists():
+        pytest.skip("../shared is not available")
+    return load_cifar10("train")
+
+
+@pytest.fixture(scope="session")
+def cifar_test():
+    if not (shared_dir() / "data" / "cifar10").exists():
+        pytest.skip("../shared is not available")
+    return load_cifar10("test")
+
+
+class TinyClassifier(torch.nn.Module):
+    """A small random frozen CNN: a stand-in target where a real classifier is not the point."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        torch.manual_seed(123)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, classes),
+        )
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.fixture
+def tiny_classifier():
+    return TinyClassifier()

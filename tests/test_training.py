@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from agent.classifiers import load_classifier
+from agent.data import ImageSet
+from agent.rgan.config import ModelConfig, ReducerConfig, TrainConfig
+from agent.rgan.model import load_model
+from agent.rgan.train import (CHECKPOINT_NAME, MODEL_NAME, build_trainer, resume_trainer, save_trainer,
+                              train, train_epoch)
+
+SMALL = ModelConfig(width=4, g_depth=1, r_depth=1, d_width=8)
+
+
+def small_config(**changes):
+    return TrainConfig(model=SMALL, epochs=2, batch_size=8, lr_step=1, **changes)
+
+
+def random_images(count=16, size=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (count, 3, size, size), generator=generator, dtype=torch.uint8)
+    return ImageSet(images, torch.full((count,), -1))
+
+
+def test_a_short_run_on_real_images_lowers_the_attack_and_recovery_losses(cifar_train):
+    """40 steps on 64 real CIFAR images against the real ResNet-20."""
+    config = TrainConfig(model=ModelConfig(width=8, g_depth=2, r_depth=2, d_width=16),
+                         epochs=10, batch_size=16, lr_step=100)
+    trainer = build_trainer(config, [load_classifier("cifar-resnet20")])
+    data = cifar_train.subset(64)
+    first = train_epoch(trainer, data)
+    for _ in range(config.epochs - 2):
+        train_epoch(trainer, data)
+    last = train_epoch(trainer, data)
+    assert last["L_G_adv"] < first["L_G_adv"] - 1.0
+    assert last["L_R_mse"] < 0.7 * first["L_R_mse"]
+
+
+def test_resumed_training_is_identical_to_uninterrupted_training(tmp_path, tiny_classifier):
+    data = random_images()
+    straight = build_trainer(small_config(), [tiny_classifier])
+    for _ in range(2):
+        train_epoch(straight, data)
+
+    first_half = build_trainer(small_config(), [tiny_classifier])
+    train_epoch(first_half, data)
+    save_trainer(first_half, tmp_path)
+    resumed = build_trainer(small_config(), [tiny_classifier])
+    assert resume_trainer(resumed, tmp_path)
+    assert resumed.epoch == 1
+    train_epoch(resumed, data)
+
+    for name, module in straight.modules().items():
+        expected, got = module.state_dict(), resumed.modules()[name].state_dict()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), f"{name}.{key} differs"
+    for name, optimizer in straight.optimizers.items():
+        assert optimizer.param_groups[0]["lr"] == resumed.optimizers[name].param_groups[0]["lr"]
+    assert straight.history == resumed.history
+
+
+def test_resume_refuses_a_different_configuration(tmp_path, tiny_classifier):
+    trainer = build_trainer(small_config(), [tiny_classifier])
+    save_trainer(trainer, tmp_path)
+    other = build_trainer(small_config(kappa=1.0), [tiny_classifier])
+    with pytest.raises(ValueError, match="different configuration"):
+        resume_trainer(other, tmp_path)
+
+
+def test_train_writes_a_loadable_model_and_continues_a_finished_run(tmp_path, tiny_classifier):
+    config = small_config(model=ModelConfig(width=4, g_depth=1, r_depth=1, d_width=8,
+                                            reducer=ReducerConfig(down="max", up="unpool")))
+    trainer = train(config, random_images(), [tiny_classifier], tmp_path, show_progress=False)
+    assert trainer.epoch == 2 and len(trainer.history) == 2
+    assert (tmp_path / CHECKPOINT_NAME).exists()
+    model, extra = load_model(tmp_path / MODEL_NAME)
+    assert model.config == config.model and extra["epochs"] == 2
+    x = torch.rand(1, 3, 16, 16)
+    assert torch.equal(model.protect(x), trainer.model.eval().protect(x))
+    # asking for more epochs resumes from epoch 2
+    longer = train(config.replace(epochs=3), random_images(), [tiny_classifier], tmp_path, show_progress=False)
+    assert longer.epoch == 3 and [h["epoch"] for h in longer.history] == [1, 2, 3]
+
+
+def test_training_with_the_recover_adversarial_loss_reports_it(tiny_classifier):
+    trainer = build_trainer(small_config(beta=1.0), [tiny_classifier])
+    means = train_epoch(trainer, random_images())
+    assert "L_R_adv" in means and means["L_R_adv"] > 0
+
+
+def test_training_needs_a_target():
+    with pytest.raises(ValueError, match="target"):
+        build_trainer(small_config(), [])
