@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .rgan.config import ModelConfig, ReducerConfig, TrainConfig
+
 app = typer.Typer(help="Protect photos with self-recoverable adversarial examples.", no_args_is_help=True)
 console = Console()
 err_console = Console(stderr=True)
@@ -54,34 +56,44 @@ def demo(
     console.print(f"images written to {out}/")
 
 
+_TRAIN = TrainConfig()
+_MODEL = _TRAIN.model
+_REDUCER = _MODEL.reducer
+
+
 @app.command()
 def train(
     out: Path = typer.Option(Path("runs/cifar10"), "-o", "--out", help="run folder (checkpoint, model, history)"),
-    epochs: int = typer.Option(150, min=1),
-    batch_size: int = typer.Option(128, min=1),
-    lr: float = typer.Option(1e-3, min=0.0),
-    lr_step: int = typer.Option(50, min=1, help="multiply the learning rate by --lr-gamma every N epochs"),
-    lr_gamma: float = typer.Option(0.1, min=0.0),
-    width: int = typer.Option(16, min=1, help="base channel width of G and R"),
-    g_depth: int = typer.Option(4, min=0, help="residual blocks in G"),
-    r_depth: int = typer.Option(4, min=0, help="residual blocks in R"),
-    epsilon: float = typer.Option(8.0, min=0.0, help="L-infinity bound, in grey levels out of 255"),
-    down: str = typer.Option("conv", help="DR down-sampling: conv, avg, max, or none (no DR)"),
-    up: str = typer.Option("nearest", help="DR up-sampling: nearest, unpool, deconv"),
-    kernel: int = typer.Option(2, min=2, help="DR kernel and stride"),
-    skip: bool = typer.Option(True, help="DR skip connection"),
-    recover_weight: float = typer.Option(1.0, min=0.0, help="weight of R's error in G's loss"),
-    alpha: float = typer.Option(1.0, min=0.0, help="weight of L_R_mse in R's loss"),
-    beta: float = typer.Option(0.0, min=0.0, help="weight of L_R_adv in R's loss"),
-    target: list[str] = typer.Option(["cifar-resnet20"], help="classifier(s) to fool"),
+    epochs: int = typer.Option(_TRAIN.epochs, min=1),
+    batch_size: int = typer.Option(_TRAIN.batch_size, min=1),
+    lr: float = typer.Option(_TRAIN.lr, min=0.0),
+    lr_step: int = typer.Option(_TRAIN.lr_step, min=1, help="multiply the learning rate by --lr-gamma every N epochs"),
+    lr_gamma: float = typer.Option(_TRAIN.lr_gamma, min=0.0),
+    d_lr_scale: float = typer.Option(_TRAIN.d_lr_scale, min=0.0, help="D's learning rate relative to --lr"),
+    width: int = typer.Option(_MODEL.width, min=1, help="base channel width of G and R"),
+    g_depth: int = typer.Option(_MODEL.g_depth, min=0, help="residual blocks in G"),
+    r_depth: int = typer.Option(_MODEL.r_depth, min=0, help="residual blocks in R"),
+    d_width: int = typer.Option(_MODEL.d_width, min=1, help="base channel width of D"),
+    epsilon: float = typer.Option(round(_MODEL.epsilon * 255, 6), min=0.0,
+                                  help="L-infinity bound, in grey levels out of 255"),
+    down: str = typer.Option(_REDUCER.down, help="DR down-sampling: conv, avg, max, or none (no DR)"),
+    up: str = typer.Option(_REDUCER.up, help="DR up-sampling: nearest, unpool, deconv"),
+    kernel: int = typer.Option(_REDUCER.kernel, min=2, help="DR kernel and stride"),
+    skip: bool = typer.Option(_REDUCER.skip, help="DR skip connection"),
+    lambda_dis: float = typer.Option(_TRAIN.lambda_dis, min=0.0, help="λ1, weight of L_G_dis"),
+    lambda_mse: float = typer.Option(_TRAIN.lambda_mse, min=0.0, help="λ2, weight of L_G_mse"),
+    recover_weight: float = typer.Option(_TRAIN.recover_weight, min=0.0, help="weight of R's error in G's loss"),
+    kappa: float = typer.Option(_TRAIN.kappa, min=0.0, help="C&W margin confidence of L_G_adv"),
+    alpha: float = typer.Option(_TRAIN.alpha, min=0.0, help="weight of L_R_mse in R's loss"),
+    beta: float = typer.Option(_TRAIN.beta, min=0.0, help="weight of L_R_adv in R's loss"),
+    target: list[str] = typer.Option(list(_TRAIN.targets), help="classifier(s) to fool"),
     transfer: list[str] = typer.Option(["cifar-resnet56"], help="classifier(s) to measure transfer on"),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    seed: int = typer.Option(_TRAIN.seed),
+    device: str = typer.Option(_TRAIN.device, help="cpu or cuda"),
     limit: Optional[int] = typer.Option(None, min=1, help="train on the first N images only"),
     resume: bool = typer.Option(True, help="continue from the run folder's checkpoint"),
 ) -> None:
     """Train the RGAN jointly on CIFAR-10 (first 8,000 images) and evaluate it on the other 2,000."""
-    from .rgan.config import ModelConfig, ReducerConfig, TrainConfig
     from .experiments import train_and_evaluate
 
     check_device(device)
@@ -93,11 +105,12 @@ def train(
         fail("R needs a loss: --alpha and --beta cannot both be 0")
     config = TrainConfig(
         model=ModelConfig(
-            width=width, g_depth=g_depth, r_depth=r_depth, epsilon=epsilon / 255,
+            width=width, g_depth=g_depth, r_depth=r_depth, d_width=d_width, epsilon=epsilon / 255,
             reducer=ReducerConfig(down=None if down == "none" else down, up=up, kernel=kernel, skip=skip),
         ),
         targets=tuple(target), epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
-        lr_gamma=lr_gamma, recover_weight=recover_weight, alpha=alpha, beta=beta, seed=seed,
+        lr_gamma=lr_gamma, d_lr_scale=d_lr_scale, lambda_dis=lambda_dis, lambda_mse=lambda_mse,
+        recover_weight=recover_weight, kappa=kappa, alpha=alpha, beta=beta, seed=seed,
         device=device, train_limit=limit,
     )
     try:

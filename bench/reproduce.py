@@ -1,7 +1,7 @@
 """Regenerates the CIFAR-10 reproduction of the RGAN paper (Table 1, Table 2, Fig. 6a and the
 default model's figures) into docs/reproduction.md and bench/results/reproduce.json.
 
-    .venv/bin/python bench/reproduce.py --jobs 2 --epochs 5 --default-epochs 40
+    .venv/bin/python bench/reproduce.py --jobs 2 --epochs 4 --default-epochs 30
 
 Every run lives in runs/reproduce/<name>/ and resumes from its checkpoint, so an interrupted
 regeneration continues where it stopped; a finished run is only re-evaluated.
@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -36,28 +37,37 @@ RECOVER_LOSSES = [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (10.0, 1.0)]
 DEPTH_SPLITS = [(2, 6), (4, 4), (6, 2)]
 
 
-def default_config() -> TrainConfig:
-    """The configuration the shipped CIFAR-10 model uses (see docs/reproduction.md)."""
-    return TrainConfig(model=ModelConfig(width=8), kappa=20.0, alpha=10.0, beta=1.0)
-
-
 def slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def experiments(ablation_epochs: int, default_epochs: int) -> dict[str, TrainConfig]:
-    base = default_config().replace(epochs=ablation_epochs, lr_step=10**6)
-    runs: dict[str, TrainConfig] = {}
-    for name, reducer in DR.items():
-        runs[f"dr-{slug(name)}"] = base.replace(model=dataclasses.replace(base.model, reducer=reducer))
-    for alpha, beta in RECOVER_LOSSES:
-        runs[f"loss-{alpha:g}-{beta:g}"] = base.replace(alpha=alpha, beta=beta)
-    for g_depth, r_depth in DEPTH_SPLITS:
-        runs[f"depth-{g_depth}-{r_depth}"] = base.replace(
-            model=dataclasses.replace(base.model, g_depth=g_depth, r_depth=r_depth))
-    step = max(1, default_epochs // 3)
-    runs["default"] = default_config().replace(epochs=default_epochs, lr_step=step)
-    return runs
+def experiments(ablation_epochs: int, default_epochs: int) -> tuple[dict[str, TrainConfig], dict[str, list]]:
+    """The runs to make, and for each table its rows as (label, run name). Rows that share a
+    configuration (the default reducer, loss and depth split) share one run."""
+    base = TrainConfig().replace(epochs=ablation_epochs, lr_step=10**6)
+    # the long default run first, so that it overlaps the ablations
+    runs: dict[str, TrainConfig] = {
+        "default": TrainConfig().replace(epochs=default_epochs, lr_step=max(1, default_epochs // 3)),
+    }
+
+    def add(name: str, config: TrainConfig) -> str:
+        for existing, other in runs.items():
+            if other == config:
+                return existing
+        runs[name] = config
+        return name
+
+    add("base", base)
+    rows = {
+        "table1": [(label, add(f"dr-{slug(label)}", base.replace(model=dataclasses.replace(base.model, reducer=r))))
+                   for label, r in DR.items()],
+        "table2": [((alpha, beta), add(f"loss-{alpha:g}-{beta:g}", base.replace(alpha=alpha, beta=beta)))
+                   for alpha, beta in RECOVER_LOSSES],
+        "fig6a": [((g, r), add(f"depth-{g}-{r}", base.replace(
+                       model=dataclasses.replace(base.model, g_depth=g, r_depth=r))))
+                  for g, r in DEPTH_SPLITS],
+    }
+    return runs, rows
 
 
 def run_one(name: str, config: TrainConfig, threads: int) -> tuple[str, dict]:
@@ -88,19 +98,18 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render(results: dict[str, dict], args: argparse.Namespace) -> str:
+def render(results: dict[str, dict], rows: dict[str, list], args: argparse.Namespace) -> str:
     def m(name: str) -> dict:
         return results[name]["metrics"]
 
     t1 = [[label, fmt(m(n)["L_G_adv"], ""), fmt(m(n)["L_G_mse"], ""), fmt(m(n)["L_R_adv"], ""),
            fmt(m(n)["L_R_mse"], ""), fmt(m(n)["asr"], "pct"), fmt(m(n)["psnr_adv"], "db"),
-           fmt(m(n)["psnr_rec"], "db")]
-          for label in DR for n in [f"dr-{slug(label)}"]]
+           fmt(m(n)["psnr_rec"], "db")] for label, n in rows["table1"]]
     t2 = [[f"({alpha:g}, {beta:g})", fmt(m(n)["psnr_adv"], "db"), fmt(m(n)["acc_adv"], "pct"),
            fmt(m(n)["psnr_rec"], "db"), fmt(m(n)["acc_rec"], "pct"), fmt(m(n)["L_R_mse"], "")]
-          for alpha, beta in RECOVER_LOSSES for n in [f"loss-{alpha:g}-{beta:g}"]]
+          for (alpha, beta), n in rows["table2"]]
     f6 = [[f"{g} / {r}", fmt(m(n)["L_R_mse"], ""), fmt(m(n)["psnr_rec"], "db"), fmt(m(n)["asr"], "pct")]
-          for g, r in DEPTH_SPLITS for n in [f"depth-{g}-{r}"]]
+          for (g, r), n in rows["fig6a"]]
     d = m("default")
     default = [
         ["ASR on ResNet-20 (target ≥ 95%)", fmt(d["asr"], "pct")],
@@ -123,25 +132,22 @@ def render(results: dict[str, dict], args: argparse.Namespace) -> str:
                       "adv. PSNR (dB)", "rec. PSNR (dB)"], t1),
         table2=table(["(α, β)", "adv. PSNR (dB)", "adv. accuracy", "rec. PSNR (dB)", "rec. accuracy", "L_R_mse"], t2),
         fig6a=table(["G / R depth", "L_R_mse", "rec. PSNR (dB)", "ASR"], f6),
-        claims=claims(results),
+        claims=claims(results, rows),
     )
 
 
-def claims(results: dict[str, dict]) -> str:
+def claims(results: dict[str, dict], rows: dict[str, list]) -> str:
     """The paper's two structural claims, checked against this run's figures."""
-    def rec(name: str) -> float:
-        return results[name]["metrics"]["psnr_rec"]
-
-    na = rec("dr-na")
-    best_label = max((label for label in DR if label != "NA"), key=lambda label: rec(f"dr-{slug(label)}"))
-    best = rec(f"dr-{slug(best_label)}")
-    improving = [label for label in DR if label != "NA" and rec(f"dr-{slug(label)}") > na]
-    depth = {split: results[f"depth-{split[0]}-{split[1]}"]["metrics"]["L_R_mse"] for split in DEPTH_SPLITS}
+    rec = {label: results[n]["metrics"]["psnr_rec"] for label, n in rows["table1"]}
+    na = rec.pop("NA")
+    best_label = max(rec, key=rec.get)
+    improving = [label for label, value in rec.items() if value > na]
+    depth = {split: results[n]["metrics"]["L_R_mse"] for split, n in rows["fig6a"]}
     best_split = min(depth, key=depth.get)
     return (
-        f"- *DR improves recoverability*: {'holds' if best > na else 'does not hold'} here. "
+        f"- *DR improves recoverability*: {'holds' if rec[best_label] > na else 'does not hold'} here. "
         f"Without DR the recovered PSNR is {na:.2f} dB; the best reducer ({best_label}) reaches "
-        f"{best:.2f} dB, and {len(improving)} of {len(DR) - 1} reducers beat NA.\n"
+        f"{rec[best_label]:.2f} dB, and {len(improving)} of {len(rec)} reducers beat NA.\n"
         f"- *Equal depths of G and R recover best*: {'holds' if best_split == (4, 4) else 'does not hold'} "
         f"here: the lowest L_R_mse is at G/R = {best_split[0]}/{best_split[1]} "
         f"({', '.join(f'{g}/{r}: {v:.4f}' for (g, r), v in depth.items())})."
@@ -196,32 +202,32 @@ with κ, L_R_adv the cross-entropy of the recovered image against the clean pred
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=5, help="epochs of each ablation run")
-    parser.add_argument("--default-epochs", type=int, default=40, help="epochs of the default model")
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
-    parser.add_argument("--only", nargs="*", help="run only these experiment names")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of each ablation run")
+    parser.add_argument("--default-epochs", type=int, default=30, help="epochs of the default model")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel")
+    parser.add_argument("--only", nargs="*", help="run only these run names (see runs/reproduce/)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "reproduction.md")
     args = parser.parse_args()
 
-    runs = experiments(args.epochs, args.default_epochs)
-    if args.only:
-        runs = {name: config for name, config in runs.items() if name in args.only}
+    runs, rows = experiments(args.epochs, args.default_epochs)
+    todo = {name: config for name, config in runs.items() if not args.only or name in args.only}
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
-    results: dict[str, dict] = {}
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, name, config, threads) for name, config in runs.items()]
-        for future in futures:
-            name, result = future.result()
-            results[name] = result
-            print(f"{name}: " + json.dumps({k: round(v, 4) for k, v in result["metrics"].items()}), flush=True)
     out_json = ROOT / "bench" / "results" / "reproduce.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(out_json.read_text()) if out_json.exists() else {}
-    previous.update(results)
-    out_json.write_text(json.dumps(previous, indent=2))
-    if all(name in previous for name in experiments(args.epochs, args.default_epochs)):
-        args.out.write_text(render(previous, args))
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(run_one, name, config, threads) for name, config in todo.items()]
+        for future in futures:
+            name, result = future.result()
+            print(f"{name}: " + json.dumps({k: round(v, 4) for k, v in result["metrics"].items()}), flush=True)
+            # re-read before each write: another invocation (--only) may have added its runs
+            results = json.loads(out_json.read_text()) if out_json.exists() else {}
+            results[name] = result
+            out_json.write_text(json.dumps(results, indent=2))
+    if all(results.get(name, {}).get("config") == config.to_dict() for name, config in runs.items()):
+        args.out.write_text(render(results, rows, args))
         print(f"wrote {args.out}")
+    else:
+        print("some runs are missing from bench/results/reproduce.json; the report is written once all exist")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ SMALL = ModelConfig(width=4, g_depth=1, r_depth=1, d_width=8)
 
 
 def small_config(**changes):
-    return TrainConfig(model=SMALL, epochs=2, batch_size=8, lr_step=1, **changes)
+    return TrainConfig(**{"model": SMALL, "epochs": 2, "batch_size": 8, "lr_step": 1, **changes})
 
 
 def random_images(count=16, size=16, seed=0):

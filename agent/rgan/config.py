@@ -27,7 +27,7 @@ class ReducerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    width: int = 16
+    width: int = 8
     g_depth: int = 4
     r_depth: int = 4
     d_width: int = 32
@@ -57,16 +57,16 @@ class TrainConfig:
     lr_gamma: float = 0.1
     # D's learning rate relative to lr: a critic that learns too fast makes λ1·L_G_dis swamp the
     # attack term (a perfect detector of an 8/255 perturbation is easy to train)
-    d_lr_scale: float = 1.0
+    d_lr_scale: float = 0.1
     # L_G = L_G_adv + lambda_dis * L_G_dis + lambda_mse * L_G_mse + recover_weight * L_R_mse
     lambda_dis: float = 10.0
     lambda_mse: float = 1.0
     recover_weight: float = 1.0
     # C&W margin confidence: L_G_adv stops pushing once the runner-up logit leads by kappa
-    kappa: float = 5.0
+    kappa: float = 20.0
     # R's loss = alpha * L_R_mse + beta * L_R_adv (paper Table 2)
-    alpha: float = 1.0
-    beta: float = 0.0
+    alpha: float = 10.0
+    beta: float = 1.0
     seed: int = 0
     device: str = "cpu"
     # bf16 autocast; only used on CUDA
