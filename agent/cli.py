@@ -97,23 +97,17 @@ def train(
     from .experiments import train_and_evaluate
 
     check_device(device)
-    if down not in ("conv", "avg", "max", "none"):
-        fail(f"--down must be conv, avg, max or none, got {down!r}")
-    if up not in ("nearest", "unpool", "deconv"):
-        fail(f"--up must be nearest, unpool or deconv, got {up!r}")
-    if alpha == 0 and beta == 0:
-        fail("R needs a loss: --alpha and --beta cannot both be 0")
-    config = TrainConfig(
-        model=ModelConfig(
-            width=width, g_depth=g_depth, r_depth=r_depth, d_width=d_width, epsilon=epsilon / 255,
-            reducer=ReducerConfig(down=None if down == "none" else down, up=up, kernel=kernel, skip=skip),
-        ),
-        targets=tuple(target), epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
-        lr_gamma=lr_gamma, d_lr_scale=d_lr_scale, lambda_dis=lambda_dis, lambda_mse=lambda_mse,
-        recover_weight=recover_weight, kappa=kappa, alpha=alpha, beta=beta, seed=seed,
-        device=device, train_limit=limit,
-    )
     try:
+        config = TrainConfig(
+            model=ModelConfig(
+                width=width, g_depth=g_depth, r_depth=r_depth, d_width=d_width, epsilon=epsilon / 255,
+                reducer=ReducerConfig(down=None if down == "none" else down, up=up, kernel=kernel, skip=skip),
+            ),
+            targets=tuple(target), epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
+            lr_gamma=lr_gamma, d_lr_scale=d_lr_scale, lambda_dis=lambda_dis, lambda_mse=lambda_mse,
+            recover_weight=recover_weight, kappa=kappa, alpha=alpha, beta=beta, seed=seed,
+            device=device, train_limit=limit,
+        )
         figures = train_and_evaluate(config, out, transfer=tuple(transfer), resume=resume)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))

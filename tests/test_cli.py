@@ -39,9 +39,11 @@ def test_demo_names_a_bad_image_and_exits_non_zero(tmp_path, content):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--down", "bogus"], "--down"),
-    (["--up", "bogus"], "--up"),
+    (["--down", "bogus"], "down-sampling"),
+    (["--up", "bogus"], "up-sampling"),
     (["--alpha", "0", "--beta", "0"], "R needs a loss"),
+    (["--epsilon", "0"], "epsilon"),
+    (["--lr", "0"], "learning rate"),
     (["--target", "no-such-net"], "unknown classifier"),
 ])
 def test_train_rejects_bad_options(tmp_path, args, message):

@@ -36,11 +36,13 @@ def test_reducer_without_skip_makes_kxk_structures(config):
         assert ((blocks != 0).sum(-1) <= 1).all()
 
 
-def test_reducer_rejects_a_missing_mode_and_a_kernel_of_one():
+def test_reducer_rejects_a_missing_mode_and_bad_options():
     with pytest.raises(ValueError, match="down-sampling"):
         DimensionReducer(ReducerConfig(down=None))
     with pytest.raises(ValueError, match="kernel"):
-        DimensionReducer(ReducerConfig(kernel=1))
+        ReducerConfig(kernel=1)
+    with pytest.raises(ValueError, match="up-sampling"):
+        ReducerConfig(up="bicubic")
 
 
 @pytest.mark.parametrize("size", SIZES, ids=str)

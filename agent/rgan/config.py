@@ -24,6 +24,14 @@ class ReducerConfig:
     kernel: int = 2
     skip: bool = True
 
+    def __post_init__(self) -> None:
+        if self.down not in (None, "conv", "avg", "max"):
+            raise ValueError(f"reducer down-sampling must be conv, avg, max or none, got {self.down!r}")
+        if self.up not in ("nearest", "unpool", "deconv"):
+            raise ValueError(f"reducer up-sampling must be nearest, unpool or deconv, got {self.up!r}")
+        if self.kernel < 2:
+            raise ValueError(f"reducer kernel must be at least 2, got {self.kernel}")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -34,6 +42,12 @@ class ModelConfig:
     # L-infinity bound of the perturbation on [0, 1] pixels, enforced by epsilon * tanh(.)
     epsilon: float = 8 / 255
     reducer: ReducerConfig = field(default_factory=ReducerConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.epsilon <= 1:
+            raise ValueError(f"epsilon must be in (0, 1] on [0, 1] pixels, got {self.epsilon}")
+        if self.width < 1 or self.d_width < 1 or self.g_depth < 0 or self.r_depth < 0:
+            raise ValueError("widths must be at least 1 and depths at least 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,6 +86,18 @@ class TrainConfig:
     # bf16 autocast; only used on CUDA
     amp: bool = True
     train_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ValueError("training needs at least one target classifier")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr_step < 1:
+            raise ValueError("epochs, batch size and lr step must be at least 1")
+        if self.lr <= 0:
+            raise ValueError(f"the learning rate must be positive, got {self.lr}")
+        if self.alpha < 0 or self.beta < 0 or self.alpha == self.beta == 0:
+            raise ValueError("R needs a loss: alpha and beta must be non-negative and not both 0")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,8 +22,6 @@ class DimensionReducer(nn.Module):
         super().__init__()
         if config.down is None:
             raise ValueError("a reducer needs a down-sampling mode; use no reducer for the NA model")
-        if config.kernel < 2:
-            raise ValueError(f"reducer kernel must be at least 2, got {config.kernel}")
         self.config = config
         k = config.kernel
         self.down_conv = nn.Conv2d(CHANNELS, CHANNELS, k, stride=k) if config.down == "conv" else None

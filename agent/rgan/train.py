@@ -175,7 +175,7 @@ def resume_trainer(trainer: Trainer, out_dir: Path) -> bool:
 
 def _resumable(config: TrainConfig) -> TrainConfig:
     # the epoch count, device and precision may change between runs of one training
-    return config.replace(epochs=0, device="cpu", amp=False)
+    return config.replace(epochs=1, device="cpu", amp=False)
 
 
 def train(
