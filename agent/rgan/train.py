@@ -111,19 +111,17 @@ def train_step(trainer: Trainer, clean: torch.Tensor) -> dict[str, float]:
     with _autocast(trainer):
         recovered = model.recover(adversarial.detach())
         r_mse = losses.distortion(recovered.float(), clean, eps)
-        loss_r = config.alpha * r_mse
-        if config.beta > 0:
-            # only computed when trained: C's pass on the recovered batch costs as much as G's
+        # always measured; back-propagated only when trained (β > 0)
+        with torch.set_grad_enabled(config.beta > 0):
             r_adv = torch.stack([
                 losses.recover_adv(target(recovered).float(), y)
                 for target, y in zip(trainer.targets, labels)
             ]).mean()
-            loss_r = loss_r + config.beta * r_adv
+        loss_r = config.alpha * r_mse + config.beta * r_adv
     _step(trainer.optimizers["recoverer"], loss_r)
 
-    values = {"L_D": loss_d, "L_G_adv": g_adv, "L_G_dis": g_dis, "L_G_mse": g_mse, "L_R_mse": r_mse}
-    if config.beta > 0:
-        values["L_R_adv"] = r_adv
+    values = {"L_D": loss_d, "L_G_adv": g_adv, "L_G_dis": g_dis, "L_G_mse": g_mse,
+              "L_R_mse": r_mse, "L_R_adv": r_adv}
     return {name: value.item() for name, value in values.items()}
 
 
