@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def train_step(trainer: Trainer, clean: torch.Tensor) -> dict[str, float]:
 
     with _autocast(trainer):
         g_adv = torch.stack([
-            losses.cw_margin(target(adversarial).float(), y, config.kappa)
+            losses.cw_margin(target(adversarial).float(), y, config.kappa, config.adv_focus)
             for target, y in zip(trainer.targets, labels)
         ]).mean()
         g_dis = losses.generator_dis(disc(adversarial).float())
@@ -128,6 +129,7 @@ def train_step(trainer: Trainer, clean: torch.Tensor) -> dict[str, float]:
 def train_epoch(trainer: Trainer, data: ImageSet, on_step=None) -> dict[str, float]:
     """One pass over `data` in an order drawn from (seed, epoch), so a resumed run repeats it."""
     config = trainer.config
+    started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed * 100_003 + trainer.epoch)
     order = torch.randperm(len(data), generator=generator)
     trainer.model.train()
@@ -146,7 +148,7 @@ def train_epoch(trainer: Trainer, data: ImageSet, on_step=None) -> dict[str, flo
         scheduler.step()
     trainer.epoch += 1
     means = {name: total / steps for name, total in totals.items()}
-    trainer.history.append({"epoch": trainer.epoch, **means})
+    trainer.history.append({"epoch": trainer.epoch, **means, "seconds": time.perf_counter() - started})
     return means
 
 
