@@ -84,7 +84,6 @@ def train(
     lambda_mse: float = typer.Option(_TRAIN.lambda_mse, min=0.0, help="λ2, weight of L_G_mse"),
     recover_weight: float = typer.Option(_TRAIN.recover_weight, min=0.0, help="weight of R's error in G's loss"),
     kappa: float = typer.Option(_TRAIN.kappa, min=0.0, help="C&W margin confidence of L_G_adv"),
-    adv_focus: bool = typer.Option(_TRAIN.adv_focus, help="average L_G_adv over the images not yet fooled"),
     alpha: float = typer.Option(_TRAIN.alpha, min=0.0, help="weight of L_R_mse in R's loss"),
     beta: float = typer.Option(_TRAIN.beta, min=0.0, help="weight of L_R_adv in R's loss"),
     target: list[str] = typer.Option(list(_TRAIN.targets), help="classifier(s) to fool"),
@@ -106,7 +105,7 @@ def train(
             ),
             targets=tuple(target), epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
             lr_gamma=lr_gamma, d_lr_scale=d_lr_scale, lambda_dis=lambda_dis, lambda_mse=lambda_mse,
-            recover_weight=recover_weight, kappa=kappa, adv_focus=adv_focus, alpha=alpha, beta=beta, seed=seed,
+            recover_weight=recover_weight, kappa=kappa, alpha=alpha, beta=beta, seed=seed,
             device=device, train_limit=limit,
         )
         figures = train_and_evaluate(config, out, transfer=tuple(transfer), resume=resume)

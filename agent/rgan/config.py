@@ -78,8 +78,6 @@ class TrainConfig:
     recover_weight: float = 1.0
     # C&W margin confidence: L_G_adv stops pushing once the runner-up logit leads by kappa
     kappa: float = 20.0
-    # average L_G_adv over the images not yet fooled rather than the whole batch (losses.cw_margin)
-    adv_focus: bool = False
     # R's loss = alpha * L_R_mse + beta * L_R_adv (paper Table 2)
     alpha: float = 10.0
     beta: float = 1.0

@@ -16,18 +16,11 @@ import torch
 import torch.nn.functional as F
 
 
-def cw_margin(logits: torch.Tensor, labels: torch.Tensor, kappa: float, focus: bool = False) -> torch.Tensor:
-    """Mean of max(margin, −κ) over the batch. With `focus`, the sum is divided by the number of
-    images not yet fooled by κ instead of the batch size, so the few hard images keep full weight
-    once most are fooled (a generator otherwise settles on one "sink" class and gives up on the
-    images that classifier already puts there)."""
+def cw_margin(logits: torch.Tensor, labels: torch.Tensor, kappa: float) -> torch.Tensor:
     true_logit = logits.gather(1, labels[:, None]).squeeze(1)
     others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
-    margin = (true_logit - others.amax(dim=1)).clamp(min=-kappa)
-    if not focus:
-        return margin.mean()
-    active = (margin > -kappa).sum().clamp(min=1)
-    return margin.sum() / active
+    margin = true_logit - others.amax(dim=1)
+    return margin.clamp(min=-kappa).mean()
 
 
 def distortion(image: torch.Tensor, reference: torch.Tensor, epsilon: float) -> torch.Tensor:

@@ -100,7 +100,7 @@ def train_step(trainer: Trainer, clean: torch.Tensor) -> dict[str, float]:
 
     with _autocast(trainer):
         g_adv = torch.stack([
-            losses.cw_margin(target(adversarial).float(), y, config.kappa, config.adv_focus)
+            losses.cw_margin(target(adversarial).float(), y, config.kappa)
             for target, y in zip(trainer.targets, labels)
         ]).mean()
         g_dis = losses.generator_dis(disc(adversarial).float())
