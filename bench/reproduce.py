@@ -115,23 +115,28 @@ def render(results: dict[str, dict], rows: dict[str, list], args: argparse.Names
     f6 = [[f"{g} / {r}", fmt(m(n)["L_R_mse"], ""), fmt(m(n)["psnr_rec"], "db"), fmt(m(n)["asr"], "pct")]
           for (g, r), n in rows["fig6a"]]
     d = m("default")
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
     default = [
-        ["ASR on ResNet-20 (target ≥ 95%)", fmt(d["asr"], "pct")],
-        ["adversarial PSNR (target ≥ 30 dB)", fmt(d["psnr_adv"], "db") + " dB"],
-        ["adversarial SSIM / L2", f"{d['ssim_adv']:.4f} / {d['l2_adv']:.3f}"],
-        ["recovered PSNR (target ≥ 40 dB)", fmt(d["psnr_rec"], "db") + " dB"],
-        ["recovered SSIM / L2", f"{d['ssim_rec']:.4f} / {d['l2_rec']:.3f}"],
-        ["clean accuracy", fmt(d["acc_clean"], "pct")],
-        ["adversarial accuracy (CER)", f"{fmt(d['acc_adv'], 'pct')} ({fmt(d['cer_adv'], 'pct')})"],
-        ["recovered accuracy (target: within 1 point of clean)", fmt(d["acc_rec"], "pct")],
-        ["recovered prediction = clean prediction", fmt(d["rec_same_prediction"], "pct")],
-        ["transfer ASR on ResNet-56", fmt(d["asr_cifar-resnet56"], "pct")],
+        ["ASR on ResNet-20", fmt(d["asr"], "pct"), "≥ 95%: " + met(d["asr"] >= 0.95)],
+        ["adversarial PSNR", fmt(d["psnr_adv"], "db") + " dB", "≥ 30 dB: " + met(d["psnr_adv"] >= 30)],
+        ["adversarial SSIM / L2", f"{d['ssim_adv']:.4f} / {d['l2_adv']:.3f}", ""],
+        ["recovered PSNR", fmt(d["psnr_rec"], "db") + " dB", "≥ 40 dB: " + met(d["psnr_rec"] >= 40)],
+        ["recovered SSIM / L2", f"{d['ssim_rec']:.4f} / {d['l2_rec']:.3f}", ""],
+        ["clean accuracy", fmt(d["acc_clean"], "pct"), ""],
+        ["adversarial accuracy (CER)", f"{fmt(d['acc_adv'], 'pct')} ({fmt(d['cer_adv'], 'pct')})", ""],
+        ["recovered accuracy", fmt(d["acc_rec"], "pct"),
+         "within 1 point of clean: " + met(d["acc_rec"] >= d["acc_clean"] - 0.01)],
+        ["recovered prediction = clean prediction", fmt(d["rec_same_prediction"], "pct"), ""],
+        ["transfer ASR on ResNet-56", fmt(d["asr_cifar-resnet56"], "pct"), "reported"],
     ]
     return TEMPLATE.format(
         ablation_epochs=args.epochs, default_epochs=args.default_epochs, jobs=args.jobs,
         default_time=training_time(results["default"]["history"]),
         default_config=json.dumps(results["default"]["config"], indent=1),
-        table_default=table(["metric (2,000 held-back images)", "value"], default),
+        table_default=table(["metric (2,000 held-back images)", "value", "target"], default),
         table1=table(["DR (down / up)", "L_G_adv", "L_G_mse", "L_R_adv", "L_R_mse", "ASR",
                       "adv. PSNR (dB)", "rec. PSNR (dB)"], t1),
         table2=table(["(α, β)", "adv. PSNR (dB)", "adv. accuracy", "rec. PSNR (dB)", "rec. accuracy", "L_R_mse"], t2),
@@ -141,17 +146,24 @@ def render(results: dict[str, dict], rows: dict[str, list], args: argparse.Names
 
 
 def claims(results: dict[str, dict], rows: dict[str, list]) -> str:
-    """The paper's two structural claims, checked against this run's figures."""
-    rec = {label: results[n]["metrics"]["psnr_rec"] for label, n in rows["table1"]}
-    na = rec.pop("NA")
-    best_label = max(rec, key=rec.get)
-    improving = [label for label, value in rec.items() if value > na]
+    """The paper's two structural claims, checked against this run's figures. A reducer only
+    counts as recovering better if it attacks about as well as NA (ASR within 5 points): a
+    perturbation that barely attacks is trivially easy to remove."""
+    figures = {label: results[n]["metrics"] for label, n in rows["table1"]}
+    na = figures.pop("NA")
+    comparable = {label: m for label, m in figures.items() if m["asr"] >= na["asr"] - 0.05}
+    better = [label for label, m in comparable.items() if m["psnr_rec"] > na["psnr_rec"]]
+    weaker = [label for label in figures if label not in comparable]
     depth = {split: results[n]["metrics"]["L_R_mse"] for split, n in rows["fig6a"]}
     best_split = min(depth, key=depth.get)
+    verdict = "holds" if len(better) == len(comparable) else "holds for some reducers" if better else "does not hold"
+    better_text = ", ".join(f"{label}: {comparable[label]['psnr_rec']:.2f} dB" for label in better)
+    weaker_text = ", ".join(f"{label} ({100 * figures[label]['asr']:.1f}% ASR)" for label in weaker)
     return (
-        f"- *DR improves recoverability*: {'holds' if rec[best_label] > na else 'does not hold'} here. "
-        f"Without DR the recovered PSNR is {na:.2f} dB; the best reducer ({best_label}) reaches "
-        f"{rec[best_label]:.2f} dB, and {len(improving)} of {len(rec)} reducers beat NA.\n"
+        f"- *DR improves recoverability*: {verdict} here. Without DR the recovered PSNR is "
+        f"{na['psnr_rec']:.2f} dB at {100 * na['asr']:.1f}% ASR. Of the {len(comparable)} reducers that "
+        f"attack about as well, {len(better)} recover better" + (f" ({better_text})" if better else "")
+        + (f"; these recover more but attack far less: {weaker_text}" if weaker else "") + ".\n"
         f"- *Equal depths of G and R recover best*: {'holds' if best_split == (4, 4) else 'does not hold'} "
         f"here: the lowest L_R_mse is at G/R = {best_split[0]}/{best_split[1]} "
         f"({', '.join(f'{g}/{r}: {v:.4f}' for (g, r), v in depth.items())})."
@@ -210,13 +222,16 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel")
     parser.add_argument("--only", nargs="*", help="run only these run names (see runs/reproduce/)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "reproduction.md")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the JSON")
     args = parser.parse_args()
 
     runs, rows = experiments(args.epochs, args.default_epochs)
-    todo = {name: config for name, config in runs.items() if not args.only or name in args.only}
+    todo = {name: config for name, config in runs.items()
+            if not args.report_only and (not args.only or name in args.only)}
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
     out_json = ROOT / "bench" / "results" / "reproduce.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out_json.read_text()) if out_json.exists() else {}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_one, name, config, threads) for name, config in todo.items()]
         for future in futures:
