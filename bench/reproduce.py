@@ -21,11 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.rgan.config import ModelConfig, ReducerConfig, TrainConfig  # noqa: E402
+from agent.rgan.config import ReducerConfig, TrainConfig  # noqa: E402
 
-NA = ReducerConfig(down=None)
+
 DR = {
-    "NA": NA,
+    "NA": ReducerConfig(down=None),
     "conv / nearest, no skip": ReducerConfig(down="conv", up="nearest", skip=False),
     "conv / nearest, skip": ReducerConfig(down="conv", up="nearest", skip=True),
     "avg / nearest, skip": ReducerConfig(down="avg", up="nearest", skip=True),
