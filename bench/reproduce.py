@@ -156,7 +156,12 @@ def claims(results: dict[str, dict], rows: dict[str, list]) -> str:
     weaker = [label for label in figures if label not in comparable]
     depth = {split: results[n]["metrics"]["L_R_mse"] for split, n in rows["fig6a"]}
     best_split = min(depth, key=depth.get)
-    verdict = "holds" if len(better) == len(comparable) else "holds for some reducers" if better else "does not hold"
+    if not comparable:
+        verdict = "cannot be judged (no reducer attacks about as well as NA)"
+    elif len(better) == len(comparable):
+        verdict = "holds"
+    else:
+        verdict = "holds for some reducers" if better else "does not hold"
     better_text = ", ".join(f"{label}: {comparable[label]['psnr_rec']:.2f} dB" for label in better)
     weaker_text = ", ".join(f"{label} ({100 * figures[label]['asr']:.1f}% ASR)" for label in weaker)
     return (
