@@ -21,14 +21,22 @@ def packaged(folder: str, name: str) -> Path:
     return Path(str(resources.files("agent") / folder / name))
 
 
+# the demo runs the whole photo through G and R at once; beyond this the CPU memory grows past
+# a few GB (the product's tiled path comes with the photo pipeline)
+DEMO_MAX_PIXELS = 4096 * 4096
+
+
 def read_image(path: Path) -> torch.Tensor:
     """An RGB file as a (1, 3, H, W) tensor on [0, 1]."""
     try:
         with Image.open(path) as image:
+            if image.width * image.height > DEMO_MAX_PIXELS:
+                raise ValueError(f"{path} has {image.width}×{image.height} pixels; the demo takes "
+                                 f"at most {DEMO_MAX_PIXELS:,}")
             array = np.asarray(image.convert("RGB"))
     except FileNotFoundError:
         raise FileNotFoundError(f"no such image: {path}") from None
-    except (OSError, ValueError) as error:
+    except (OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"{path} is not an image Pillow can read ({error})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255
 

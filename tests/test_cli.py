@@ -38,6 +38,17 @@ def test_demo_names_a_bad_image_and_exits_non_zero(tmp_path, content):
     assert not (tmp_path / "out").exists()
 
 
+def test_demo_refuses_a_photo_too_large_for_it(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import agent.demo
+
+    monkeypatch.setattr(agent.demo, "DEMO_MAX_PIXELS", 100)
+    Image.new("RGB", (11, 10)).save(tmp_path / "big.png")
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "out"), "--image", str(tmp_path / "big.png")])
+    assert result.exit_code == 2 and "11×10 pixels" in result.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--down", "bogus"], "down-sampling"),
     (["--up", "bogus"], "up-sampling"),
