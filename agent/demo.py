@@ -11,7 +11,7 @@ from PIL import Image
 
 from . import metrics
 from .atomic import atomic_path
-from .rgan.model import load_model
+from .rgan.model import load_model, quantize
 
 DEFAULT_MODEL = "cifar10-rgan.safetensors"
 SAMPLE_IMAGE = "sample.png"
@@ -54,7 +54,7 @@ def run_demo(out_dir: Path, image_path: Path | None = None, model_path: Path | N
     model, _ = load_model(model_path or packaged("weights", DEFAULT_MODEL))
     original = read_image(image_path or packaged("assets", SAMPLE_IMAGE))
     protected = model.protect(original)
-    recovered = torch.round(model.recover(protected) * 255) / 255
+    recovered = quantize(model.recover(protected))
     out_dir = Path(out_dir)
     for name, image in (("original", original), ("protected", protected), ("recovered", recovered)):
         write_png(image, out_dir / f"{name}.png")

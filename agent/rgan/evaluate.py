@@ -12,11 +12,7 @@ from torch import nn
 from .. import metrics
 from ..data import ImageSet, to_float
 from . import losses
-from .model import RGAN
-
-
-def _quantized(x: torch.Tensor) -> torch.Tensor:
-    return torch.round(x.clamp(0, 1) * 255) / 255
+from .model import RGAN, quantize
 
 
 @torch.no_grad()
@@ -40,8 +36,8 @@ def evaluate(
 
     for start in range(0, len(data), batch_size):
         clean = to_float(data.images[start : start + batch_size]).to(device)
-        adversarial = _quantized(model.protect(clean))
-        recovered = _quantized(model.recover(adversarial))
+        adversarial = model.protect(clean)  # already on the 8-bit grid
+        recovered = quantize(model.recover(adversarial))
         weight = len(clean) / len(data)
         logits = {kind: target(image) for kind, image in
                   (("clean", clean), ("adv", adversarial), ("rec", recovered))}
