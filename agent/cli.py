@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .rgan.config import ModelConfig, ReducerConfig, TrainConfig
+from .rgan.config import PHOTO_CONFIG, ModelConfig, ReducerConfig, TrainConfig
 
 app = typer.Typer(help="Protect photos with self-recoverable adversarial examples.", no_args_is_help=True)
 console = Console()
@@ -55,76 +55,100 @@ def demo(
     console.print(f"images written to {out}/")
 
 
-_TRAIN = TrainConfig()
-_MODEL = _TRAIN.model
-_REDUCER = _MODEL.reducer
+PRESETS = {"cifar10": TrainConfig(), "photos": PHOTO_CONFIG}
+
+
+def _option(default_help: str = "", **kwargs):
+    """An option whose default comes from the --data preset (None here means "the preset's")."""
+    text = f"{default_help} [default: from --data]".strip()
+    return typer.Option(None, help=text, **kwargs)
 
 
 @app.command()
 def train(
-    out: Path = typer.Option(Path("runs/cifar10"), "-o", "--out", help="run folder (checkpoint, model, history)"),
-    epochs: int = typer.Option(_TRAIN.epochs, min=1),
-    batch_size: int = typer.Option(_TRAIN.batch_size, min=1),
-    lr: float = typer.Option(_TRAIN.lr, min=0.0),
-    lr_step: int = typer.Option(_TRAIN.lr_step, min=1, help="multiply the learning rate by --lr-gamma every N epochs"),
-    lr_gamma: float = typer.Option(_TRAIN.lr_gamma, min=0.0),
-    d_lr_scale: float = typer.Option(_TRAIN.d_lr_scale, min=0.0, help="D's learning rate relative to --lr"),
-    width: int = typer.Option(_MODEL.width, min=1, help="base channel width of G and R"),
-    g_depth: int = typer.Option(_MODEL.g_depth, min=0, help="residual blocks in G"),
-    r_depth: int = typer.Option(_MODEL.r_depth, min=0, help="residual blocks in R"),
-    d_width: int = typer.Option(_MODEL.d_width, min=1, help="base channel width of D"),
-    epsilon: float = typer.Option(round(_MODEL.epsilon * 255, 6), min=0.0,
-                                  help="L-infinity bound, in grey levels out of 255"),
-    down: str = typer.Option(_REDUCER.down, help="DR down-sampling: conv, avg, max, or none (no DR)"),
-    up: str = typer.Option(_REDUCER.up, help="DR up-sampling: nearest, unpool, deconv"),
-    kernel: int = typer.Option(_REDUCER.kernel, min=2, help="DR kernel and stride"),
-    skip: bool = typer.Option(_REDUCER.skip, help="DR skip connection"),
-    lambda_dis: float = typer.Option(_TRAIN.lambda_dis, min=0.0, help="λ1, weight of L_G_dis"),
-    lambda_mse: float = typer.Option(_TRAIN.lambda_mse, min=0.0, help="λ2, weight of L_G_mse"),
-    recover_weight: float = typer.Option(_TRAIN.recover_weight, min=0.0, help="weight of R's error in G's loss"),
-    kappa: float = typer.Option(_TRAIN.kappa, min=0.0, help="C&W margin confidence of L_G_adv"),
-    alpha: float = typer.Option(_TRAIN.alpha, min=0.0, help="weight of L_R_mse in R's loss"),
-    beta: float = typer.Option(_TRAIN.beta, min=0.0, help="weight of L_R_adv in R's loss"),
-    target: list[str] = typer.Option(list(_TRAIN.targets), help="classifier(s) to fool"),
-    transfer: list[str] = typer.Option(["cifar-resnet56"], help="classifier(s) to measure transfer on"),
-    seed: int = typer.Option(_TRAIN.seed),
-    device: str = typer.Option(_TRAIN.device, help="cpu or cuda"),
+    data: str = typer.Option("cifar10", help="cifar10 (the paper's reproduction) or photos (the keyed photo model); "
+                             "picks the defaults of every other option"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="run folder (checkpoint, model, history) "
+                                       "[default: runs/<data>]"),
+    epochs: Optional[int] = _option(min=1),
+    batch_size: Optional[int] = _option(min=1),
+    lr: Optional[float] = _option(min=0.0),
+    lr_step: Optional[int] = _option("multiply the learning rate by --lr-gamma every N epochs", min=1),
+    lr_gamma: Optional[float] = _option(min=0.0),
+    d_lr_scale: Optional[float] = _option("D's learning rate relative to --lr", min=0.0),
+    width: Optional[int] = _option("base channel width of G and R", min=1),
+    g_depth: Optional[int] = _option("residual blocks in G", min=0),
+    r_depth: Optional[int] = _option("residual blocks in R", min=0),
+    d_width: Optional[int] = _option("base channel width of D", min=1),
+    epsilon: Optional[float] = _option("L-infinity bound, in grey levels out of 255", min=0.0),
+    key_noise: Optional[float] = _option("the key pattern's share of the bound, in grey levels", min=0.0),
+    down: Optional[str] = _option("DR down-sampling: conv, avg, max, or none (no DR)"),
+    up: Optional[str] = _option("DR up-sampling: nearest, unpool, deconv"),
+    kernel: Optional[int] = _option("DR kernel and stride", min=2),
+    skip: Optional[bool] = typer.Option(None, "--skip/--no-skip", help="DR skip connection [default: from --data]"),
+    lambda_dis: Optional[float] = _option("λ1, weight of L_G_dis", min=0.0),
+    lambda_mse: Optional[float] = _option("λ2, weight of L_G_mse", min=0.0),
+    recover_weight: Optional[float] = _option("weight of R's error in G's loss", min=0.0),
+    kappa: Optional[float] = _option("C&W margin confidence of L_G_adv", min=0.0),
+    alpha: Optional[float] = _option("weight of L_R_mse in R's loss", min=0.0),
+    beta: Optional[float] = _option("weight of L_R_adv in R's loss", min=0.0),
+    target: Optional[list[str]] = _option("classifier(s) to fool"),
+    transfer: Optional[list[str]] = _option("classifier(s) to measure transfer on"),
+    seed: Optional[int] = _option(),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
     limit: Optional[int] = typer.Option(None, min=1, help="train on the first N images only"),
     resume: bool = typer.Option(True, help="continue from the run folder's checkpoint"),
 ) -> None:
-    """Train the RGAN jointly on CIFAR-10 (first 8,000 images) and evaluate it on the other 2,000."""
+    """Train the RGAN jointly, then evaluate it on held-back images: CIFAR-10 (first 8,000 train,
+    the other 2,000 evaluate) or photos (1,100 train; imagenet-sample's last 200 evaluate)."""
     from .experiments import train_and_evaluate
 
+    if data not in PRESETS:
+        fail(f"--data must be one of {', '.join(PRESETS)}, got {data!r}")
     check_device(device)
+    preset = PRESETS[data]
+    given = lambda value, default: default if value is None else value  # noqa: E731
+    model, reducer = preset.model, preset.model.reducer
     try:
-        config = TrainConfig(
+        config = preset.replace(
             model=ModelConfig(
-                width=width, g_depth=g_depth, r_depth=r_depth, d_width=d_width, epsilon=epsilon / 255,
-                reducer=ReducerConfig(down=None if down == "none" else down, up=up, kernel=kernel, skip=skip),
+                width=given(width, model.width), g_depth=given(g_depth, model.g_depth),
+                r_depth=given(r_depth, model.r_depth), d_width=given(d_width, model.d_width),
+                epsilon=model.epsilon if epsilon is None else epsilon / 255,
+                key_noise=model.key_noise if key_noise is None else key_noise / 255,
+                keyed=model.keyed, g_stride=model.g_stride, norm=model.norm,
+                reducer=ReducerConfig(
+                    down=reducer.down if down is None else (None if down == "none" else down),
+                    up=given(up, reducer.up), kernel=given(kernel, reducer.kernel), skip=given(skip, reducer.skip),
+                ),
             ),
-            targets=tuple(target), epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
-            lr_gamma=lr_gamma, d_lr_scale=d_lr_scale, lambda_dis=lambda_dis, lambda_mse=lambda_mse,
-            recover_weight=recover_weight, kappa=kappa, alpha=alpha, beta=beta, seed=seed,
-            device=device, train_limit=limit,
+            targets=tuple(target) if target else preset.targets,
+            epochs=given(epochs, preset.epochs), batch_size=given(batch_size, preset.batch_size),
+            lr=given(lr, preset.lr), lr_step=given(lr_step, preset.lr_step), lr_gamma=given(lr_gamma, preset.lr_gamma),
+            d_lr_scale=given(d_lr_scale, preset.d_lr_scale), lambda_dis=given(lambda_dis, preset.lambda_dis),
+            lambda_mse=given(lambda_mse, preset.lambda_mse), recover_weight=given(recover_weight, preset.recover_weight),
+            kappa=given(kappa, preset.kappa), alpha=given(alpha, preset.alpha), beta=given(beta, preset.beta),
+            seed=given(seed, preset.seed), device=device, train_limit=limit,
         )
-        figures = train_and_evaluate(config, out, transfer=tuple(transfer), resume=resume)
+        out = out or Path("runs") / data
+        figures = train_and_evaluate(config, out, transfer=tuple(transfer) if transfer else None, resume=resume)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
-    print_metrics(f"held-back CIFAR-10 ({out})", figures)
+    print_metrics(f"held-back {data} ({out})", figures)
 
 
 @app.command()
 def evaluate(
     model: Path = typer.Argument(..., help="a model.safetensors written by `agent train`"),
-    target: str = typer.Option("cifar-resnet20"),
-    transfer: list[str] = typer.Option(["cifar-resnet56"]),
+    target: Optional[str] = typer.Option(None, help="[default: the one of the model's training data]"),
+    transfer: Optional[list[str]] = typer.Option(None, help="[default: the one of the model's training data]"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Evaluate a trained model on the 2,000 held-back CIFAR-10 images."""
+    """Evaluate a trained model on the held-back images of the data it was trained on."""
     from .experiments import evaluate_model_file
 
     try:
-        figures = evaluate_model_file(model, target, tuple(transfer))
+        figures = evaluate_model_file(model, target, tuple(transfer) if transfer else None)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
     if as_json:

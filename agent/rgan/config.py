@@ -39,15 +39,35 @@ class ModelConfig:
     g_depth: int = 4
     r_depth: int = 4
     d_width: int = 32
-    # L-infinity bound of the perturbation on [0, 1] pixels, enforced by epsilon * tanh(.)
+    # L-infinity bound of the whole perturbation on [0, 1] pixels
     epsilon: float = 8 / 255
     reducer: ReducerConfig = field(default_factory=ReducerConfig)
+    # keyed: G and R see the key's ±1 pattern (agent.rgan.keying) as extra input planes, and
+    # key_noise * pattern is added to the perturbation; G's own share is bounded by
+    # (epsilon - key_noise) * tanh(.), so the whole stays within epsilon
+    keyed: bool = False
+    key_noise: float = 0.0
+    # 2: G works at half resolution (see PerturbationNet)
+    g_stride: int = 1
+    norm: Literal["instance", "batch"] = "instance"
 
     def __post_init__(self) -> None:
         if not 0 < self.epsilon <= 1:
             raise ValueError(f"epsilon must be in (0, 1] on [0, 1] pixels, got {self.epsilon}")
         if self.width < 1 or self.d_width < 1 or self.g_depth < 0 or self.r_depth < 0:
             raise ValueError("widths must be at least 1 and depths at least 0")
+        if not 0 <= self.key_noise < self.epsilon:
+            raise ValueError(f"key_noise must be in [0, epsilon), got {self.key_noise}")
+        if self.key_noise and not self.keyed:
+            raise ValueError("key_noise needs a keyed model")
+        if self.g_stride not in (1, 2):
+            raise ValueError(f"g_stride must be 1 or 2, got {self.g_stride}")
+        if self.norm not in ("instance", "batch"):
+            raise ValueError(f"norm must be instance or batch, got {self.norm!r}")
+
+    @property
+    def generator_bound(self) -> float:
+        return self.epsilon - self.key_noise
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,8 +106,30 @@ class TrainConfig:
     # bf16 autocast; only used on CUDA
     amp: bool = True
     train_limit: int | None = None
+    # training data: "cifar10" (the reproduction) or "photos" (random crops of real photos)
+    data: Literal["cifar10", "photos"] = "cifar10"
+    # photos: side of the square training crops
+    crop: int = 128
+    # C sees the protected image downscaled by a random factor in [resize_min, 1] (differentiably),
+    # as a platform's model would after resizing; 1 turns it off
+    resize_min: float = 1.0
+    # share of batches in which C sees, and R recovers from, a JPEG of the protected image
+    # (quality drawn from jpeg_quality; C's gradient passes straight through the codec)
+    jpeg_prob: float = 0.0
+    jpeg_quality: tuple[int, int] = (80, 95)
 
     def __post_init__(self) -> None:
+        if self.data not in ("cifar10", "photos"):
+            raise ValueError(f"data must be cifar10 or photos, got {self.data!r}")
+        if self.crop < 16:
+            raise ValueError(f"crop must be at least 16 pixels, got {self.crop}")
+        if not 0 < self.resize_min <= 1:
+            raise ValueError(f"resize_min must be in (0, 1], got {self.resize_min}")
+        if not 0 <= self.jpeg_prob <= 1:
+            raise ValueError(f"jpeg_prob must be in [0, 1], got {self.jpeg_prob}")
+        low, high = self.jpeg_quality
+        if not 1 <= low <= high <= 100:
+            raise ValueError(f"jpeg_quality must be a range within 1..100, got {self.jpeg_quality}")
         if not self.targets:
             raise ValueError("training needs at least one target classifier")
         if self.epochs < 1 or self.batch_size < 1 or self.lr_step < 1:
@@ -107,7 +149,25 @@ class TrainConfig:
         data = dict(data)
         data["model"] = ModelConfig.from_dict(data.get("model", {}))
         data["targets"] = tuple(data.get("targets", ()))
+        if "jpeg_quality" in data:
+            data["jpeg_quality"] = tuple(data["jpeg_quality"])
         return cls(**data)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+# The keyed model for real photos (docs/design.md, "Keyed recovery"): G's share of the bound is
+# 5/255 and the key pattern's 3/255; G at half resolution; batch norm so that tiles are exact.
+PHOTO_CONFIG = TrainConfig(
+    model=ModelConfig(width=8, epsilon=8 / 255, keyed=True, key_noise=3 / 255, g_stride=2, norm="batch",
+                      reducer=ReducerConfig(down="avg", up="nearest", skip=True)),
+    targets=("imagenet-mobilenetv2",),
+    data="photos",
+    epochs=60,
+    batch_size=16,
+    lr_step=20,
+    kappa=10.0,
+    resize_min=0.4,
+    jpeg_prob=0.5,
+)

@@ -1,7 +1,9 @@
 """Measures a trained RGAN on held-back images (paper §4.2): distortion and classifier metrics for
 the protected and the recovered images, the four losses, and transfer to other classifiers.
 
-Protected and recovered images are rounded to 8 bits first, as they would be in a file.
+Protected and recovered images are rounded to 8 bits first, as they would be in a file. A keyed
+model protects every image with its own random key; recovery is measured with that key and, to
+show that only the key holder can recover, with another random key (`psnr_rec_wrong_key`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from torch import nn
 from .. import metrics
 from ..data import ImageSet, to_float
 from . import losses
+from .keying import batch_patterns, random_keys
 from .model import RGAN, quantize
 
 
@@ -24,6 +27,7 @@ def evaluate(
     transfer: dict[str, nn.Module] | None = None,
     batch_size: int = 500,
     device: str | torch.device = "cpu",
+    key_seed: int = 0,
 ) -> dict[str, float]:
     model = model.to(device).eval()
     eps = model.config.epsilon
@@ -34,10 +38,17 @@ def evaluate(
     def keep(name: str, value: torch.Tensor) -> None:
         parts.setdefault(name, []).append(value.cpu())
 
+    keys = torch.Generator().manual_seed(key_seed)
     for start in range(0, len(data), batch_size):
         clean = to_float(data.images[start : start + batch_size]).to(device)
-        adversarial = model.protect(clean)  # already on the 8-bit grid
-        recovered = quantize(model.recover(adversarial))
+        pattern = wrong = None
+        if model.config.keyed:
+            pattern = batch_patterns(random_keys(len(clean), keys), *clean.shape[-2:]).to(device)
+            wrong = batch_patterns(random_keys(len(clean), keys), *clean.shape[-2:]).to(device)
+        adversarial = model.protect(clean, pattern)  # already on the 8-bit grid
+        recovered = quantize(model.recover(adversarial, pattern))
+        if wrong is not None:
+            keep("psnr_rec_wrong_key", metrics.psnr(quantize(model.recover(adversarial, wrong)), clean))
         weight = len(clean) / len(data)
         logits = {kind: target(image) for kind, image in
                   (("clean", clean), ("adv", adversarial), ("rec", recovered))}
@@ -68,6 +79,8 @@ def evaluate(
     for kind in ("adv", "rec"):
         for metric in ("psnr", "ssim", "l2"):
             result[f"{metric}_{kind}"] = got[f"{metric}_{kind}"].mean().item()
+    if "psnr_rec_wrong_key" in got:
+        result["psnr_rec_wrong_key"] = got["psnr_rec_wrong_key"].mean().item()
     for name in transfer:
         result[f"asr_{name}"] = metrics.attack_success_rate(
             got[f"transfer_adv_{name}"], got[f"transfer_clean_{name}"])

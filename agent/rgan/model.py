@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from ..atomic import atomic_path
 from .config import ModelConfig
+from .keying import PATTERN_CHANNELS
 from .nets import PerturbationNet
 from .reducer import DimensionReducer
 
@@ -33,27 +34,58 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
 
 
 class RGAN(nn.Module):
+    """`pattern` is the key's ±1 pattern (`keying.key_pattern`) at the image's size, (3, H, W) or
+    one per image (N, 3, H, W); a keyed model needs it and an unkeyed one refuses it."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.generator = PerturbationNet(config.width, config.g_depth)
+        in_channels = 3 + (PATTERN_CHANNELS if config.keyed else 0)
+        self.generator = PerturbationNet(config.width, config.g_depth, in_channels, config.g_stride, config.norm)
         self.reducer = DimensionReducer(config.reducer) if config.reducer.down else nn.Identity()
-        self.recoverer = PerturbationNet(config.width, config.r_depth)
+        self.recoverer = PerturbationNet(config.width, config.r_depth, in_channels, 1, config.norm)
 
-    def perturbation(self, x: torch.Tensor) -> torch.Tensor:
-        """G then DR, bounded in L-infinity by epsilon through tanh (a smooth, exact bound)."""
-        return self.config.epsilon * torch.tanh(self.reducer(self.generator(2 * x - 1)))
+    def _inputs(self, x: torch.Tensor, pattern: torch.Tensor | None) -> torch.Tensor:
+        if not self.config.keyed:
+            if pattern is not None:
+                raise ValueError("this model is not keyed; it takes no key")
+            return 2 * x - 1
+        return torch.cat([2 * x - 1, self._pattern(x, pattern)], dim=1)
 
-    def protect(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize(x + self.perturbation(x))
+    def _pattern(self, x: torch.Tensor, pattern: torch.Tensor | None) -> torch.Tensor:
+        if pattern is None:
+            raise ValueError("this model is keyed: protecting and recovering need the key")
+        if pattern.dim() == 3:
+            pattern = pattern.unsqueeze(0)
+        if pattern.shape[-2:] != x.shape[-2:] or pattern.shape[1] != PATTERN_CHANNELS:
+            raise ValueError(f"key pattern {tuple(pattern.shape)} does not fit image {tuple(x.shape)}")
+        return pattern.to(device=x.device, dtype=x.dtype).expand(len(x), -1, -1, -1)
 
-    def estimate(self, adversarial: torch.Tensor) -> torch.Tensor:
-        """R's estimate of what protection added to the image."""
+    def perturbation(self, x: torch.Tensor, pattern: torch.Tensor | None = None) -> torch.Tensor:
+        """G then DR, bounded in L-infinity through tanh (a smooth, exact bound), plus the key
+        pattern's share: the key decides the sign of `key_noise` at every pixel."""
+        config = self.config
+        raw = self.reducer(self.generator(self._inputs(x, pattern)))
+        learned = config.generator_bound * torch.tanh(raw)
+        if config.key_noise:
+            learned = learned + config.key_noise * self._pattern(x, pattern)
+        return learned
+
+    def protect(self, x: torch.Tensor, pattern: torch.Tensor | None = None) -> torch.Tensor:
+        return quantize(x + self.perturbation(x, pattern))
+
+    def estimate(self, adversarial: torch.Tensor, pattern: torch.Tensor | None = None) -> torch.Tensor:
+        """R's estimate of what protection added to the image. The key pattern's share is known
+        exactly to the key holder; R estimates the rest (G's share, and what clipping at black
+        and white took away from the pattern), hence the bound of the whole epsilon."""
         bound = self.config.epsilon + RECOVER_MARGIN
-        return bound * torch.tanh(self.recoverer(2 * adversarial - 1))
+        estimate = bound * torch.tanh(self.recoverer(self._inputs(adversarial, pattern)))
+        if self.config.key_noise:
+            estimate = estimate + self.config.key_noise * self._pattern(adversarial, pattern)
+        return estimate
 
-    def recover(self, adversarial: torch.Tensor) -> torch.Tensor:
-        return (adversarial - self.estimate(adversarial)).clamp(0, 1)
+    def recover(self, adversarial: torch.Tensor, pattern: torch.Tensor | None = None) -> torch.Tensor:
+        return (adversarial - self.estimate(adversarial, pattern)).clamp(0, 1)
 
 
 def save_model(model: RGAN, path: Path, extra: dict | None = None) -> None:

@@ -15,31 +15,43 @@ import torch.nn.functional as F
 ENCODER_STRIDE = 4
 
 
-def conv_block(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Sequential:
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """Instance norm (the paper's choice) normalises with statistics of the whole image, so a
+    tile of an image is processed differently from the image itself. Batch norm in eval mode is a
+    fixed per-channel affine map: the network stays purely local, which is what exact tiling of
+    large photos needs."""
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    raise ValueError(f"norm must be instance or batch, got {kind!r}")
+
+
+def conv_block(c_in: int, c_out: int, kernel: int, stride: int, norm: str = "instance") -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, padding_mode="reflect"),
-        nn.InstanceNorm2d(c_out, affine=True),
+        norm_layer(norm, c_out),
         nn.ReLU(inplace=True),
     )
 
 
-def up_block(c_in: int, c_out: int) -> nn.Sequential:
+def up_block(c_in: int, c_out: int, norm: str = "instance") -> nn.Sequential:
     return nn.Sequential(
         nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1),
-        nn.InstanceNorm2d(c_out, affine=True),
+        norm_layer(norm, c_out),
         nn.ReLU(inplace=True),
     )
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm: str = "instance"):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect"),
-            nn.InstanceNorm2d(channels, affine=True),
+            norm_layer(norm, channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect"),
-            nn.InstanceNorm2d(channels, affine=True),
+            norm_layer(norm, channels),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,27 +62,35 @@ class PerturbationNet(nn.Module):
     """Encoder (3 convolutions, down-sampling x4) → `depth` residual blocks → decoder.
 
     Used as G (image → raw perturbation) and as R (adversarial image → raw estimate of the
-    perturbation). Any input size works: it is padded to a multiple of 4 and cropped back.
+    perturbation). Any input size works: it is padded to a multiple of the total stride and
+    cropped back. `in_channels` > 3 carries the key planes. With `stride` 2 the first convolution
+    halves the resolution and the output is up-sampled by nearest neighbour: four times fewer
+    operations, for a perturbation that the dimension reducer makes coarse anyway.
     """
 
-    def __init__(self, width: int, depth: int):
+    def __init__(self, width: int, depth: int, in_channels: int = 3, stride: int = 1, norm: str = "instance"):
         super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        self.stride = stride
         self.encoder = nn.Sequential(
-            conv_block(3, width, 7, 1),
-            conv_block(width, 2 * width, 3, 2),
-            conv_block(2 * width, 4 * width, 3, 2),
+            conv_block(in_channels, width, 7, stride, norm),
+            conv_block(width, 2 * width, 3, 2, norm),
+            conv_block(2 * width, 4 * width, 3, 2, norm),
         )
-        self.bottleneck = nn.Sequential(*[ResidualBlock(4 * width) for _ in range(depth)])
+        self.bottleneck = nn.Sequential(*[ResidualBlock(4 * width, norm) for _ in range(depth)])
         self.decoder = nn.Sequential(
-            up_block(4 * width, 2 * width),
-            up_block(2 * width, width),
+            up_block(4 * width, 2 * width, norm),
+            up_block(2 * width, width, norm),
             nn.Conv2d(width, 3, 7, padding=3, padding_mode="reflect"),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        x = pad_to_multiple(x, ENCODER_STRIDE)
+        x = pad_to_multiple(x, ENCODER_STRIDE * self.stride)
         out = self.decoder(self.bottleneck(self.encoder(x)))
+        if self.stride > 1:
+            out = F.interpolate(out, scale_factor=self.stride, mode="nearest")
         return out[..., :height, :width]
 
 

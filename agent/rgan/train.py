@@ -23,12 +23,14 @@ from torch import nn
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..atomic import atomic_path
-from ..data import ImageSet, augment, to_float
+from ..data import ImageSet, PhotoSet, augment, random_crops, to_float
 from . import losses
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .keying import batch_patterns, random_keys
 from .model import RGAN, save_model
 from .nets import Discriminator
+from .transforms import downscale, jpeg, straight_through
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MODEL_NAME = "model.safetensors"
@@ -87,30 +89,60 @@ def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     optimizer.step()
 
 
-def train_step(trainer: Trainer, clean: torch.Tensor) -> dict[str, float]:
+@dataclass(frozen=True)
+class Channel:
+    """What one batch's protected images go through before C and R see them (see transforms)."""
+
+    scale: float = 1.0
+    jpeg_quality: list[int] | None = None
+
+    @classmethod
+    def draw(cls, config: TrainConfig, count: int, generator: torch.Generator) -> "Channel":
+        # draws only for the transforms that are on, so that runs without them keep their batches
+        scale, quality = 1.0, None
+        if config.resize_min < 1:
+            scale = config.resize_min + (1 - config.resize_min) * float(torch.rand(1, generator=generator))
+        if config.jpeg_prob and torch.rand(1, generator=generator) < config.jpeg_prob:
+            low, high = config.jpeg_quality
+            quality = torch.randint(low, high + 1, (count,), generator=generator).tolist()
+        return cls(scale, quality)
+
+
+def train_step(
+    trainer: Trainer,
+    clean: torch.Tensor,
+    pattern: torch.Tensor | None = None,
+    channel: Channel = Channel(),
+) -> dict[str, float]:
     config, model, disc = trainer.config, trainer.model, trainer.discriminator
     eps = config.model.epsilon
     with torch.no_grad(), _autocast(trainer):
-        labels = [target(clean).argmax(1) for target in trainer.targets]
+        labels = [target(downscale(clean, channel.scale)).argmax(1) for target in trainer.targets]
 
     with _autocast(trainer):
-        adversarial = model.protect(clean)
+        adversarial = model.protect(clean, pattern)
         loss_d = losses.discriminator(disc(clean), disc(adversarial.detach()))
     _step(trainer.optimizers["discriminator"], loss_d.float())
 
+    # the copy a platform keeps: recompressed (the codec is not differentiable, so C's gradient
+    # passes straight through it), then downscaled before its classifier looks
+    received = adversarial
+    if channel.jpeg_quality:
+        received = straight_through(adversarial, jpeg(adversarial, channel.jpeg_quality))
     with _autocast(trainer):
+        seen = downscale(received, channel.scale)
         g_adv = torch.stack([
-            losses.cw_margin(target(adversarial).float(), y, config.kappa)
+            losses.cw_margin(target(seen).float(), y, config.kappa)
             for target, y in zip(trainer.targets, labels)
         ]).mean()
         g_dis = losses.generator_dis(disc(adversarial).float())
         g_mse = losses.distortion(adversarial.float(), clean, eps)
-        g_rec = losses.distortion(model.recover(adversarial).float(), clean, eps)
+        g_rec = losses.distortion(model.recover(adversarial, pattern).float(), clean, eps)
         loss_g = g_adv + config.lambda_dis * g_dis + config.lambda_mse * g_mse + config.recover_weight * g_rec
     _step(trainer.optimizers["generator"], loss_g)
 
     with _autocast(trainer):
-        recovered = model.recover(adversarial.detach())
+        recovered = model.recover(received.detach(), pattern)
         r_mse = losses.distortion(recovered.float(), clean, eps)
         # always measured; back-propagated only when trained (β > 0)
         with torch.set_grad_enabled(config.beta > 0):
@@ -126,8 +158,16 @@ def train_step(trainer: Trainer, clean: torch.Tensor) -> dict[str, float]:
     return {name: value.item() for name, value in values.items()}
 
 
-def train_epoch(trainer: Trainer, data: ImageSet, on_step=None) -> dict[str, float]:
-    """One pass over `data` in an order drawn from (seed, epoch), so a resumed run repeats it."""
+def _batch(config: TrainConfig, data: ImageSet | PhotoSet, index: torch.Tensor,
+           generator: torch.Generator) -> torch.Tensor:
+    if isinstance(data, PhotoSet):
+        return random_crops([data.images[i] for i in index.tolist()], config.crop, generator)
+    return augment(to_float(data.images[index]), generator)
+
+
+def train_epoch(trainer: Trainer, data: ImageSet | PhotoSet, on_step=None) -> dict[str, float]:
+    """One pass over `data` in an order drawn from (seed, epoch), so a resumed run repeats it.
+    A keyed model gets a fresh random key for every image of every batch."""
     config = trainer.config
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed * 100_003 + trainer.epoch)
@@ -138,8 +178,12 @@ def train_epoch(trainer: Trainer, data: ImageSet, on_step=None) -> dict[str, flo
     steps = math.ceil(len(data) / config.batch_size)
     for step in range(steps):
         index = order[step * config.batch_size : (step + 1) * config.batch_size]
-        batch = augment(to_float(data.images[index]), generator).to(trainer.device)
-        values = train_step(trainer, batch)
+        batch = _batch(config, data, index, generator)
+        pattern = None
+        if config.model.keyed:
+            pattern = batch_patterns(random_keys(len(batch), generator), *batch.shape[-2:]).to(trainer.device)
+        channel = Channel.draw(config, len(batch), generator)
+        values = train_step(trainer, batch.to(trainer.device), pattern, channel)
         for name, value in values.items():
             totals[name] = totals.get(name, 0.0) + value
         if on_step:
@@ -180,7 +224,7 @@ def _resumable(config: TrainConfig) -> TrainConfig:
 
 def train(
     config: TrainConfig,
-    data: ImageSet,
+    data: ImageSet | PhotoSet,
     targets: list[nn.Module],
     out_dir: Path,
     resume: bool = True,
