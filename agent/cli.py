@@ -64,6 +64,10 @@ def _option(default_help: str = "", **kwargs):
     return typer.Option(None, help=text, **kwargs)
 
 
+def given(value, preset_value):
+    return preset_value if value is None else value
+
+
 @app.command()
 def train(
     data: str = typer.Option("cifar10", help="cifar10 (the paper's reproduction) or photos (the keyed photo model); "
@@ -107,7 +111,6 @@ def train(
         fail(f"--data must be one of {', '.join(PRESETS)}, got {data!r}")
     check_device(device)
     preset = PRESETS[data]
-    given = lambda value, default: default if value is None else value  # noqa: E731
     model, reducer = preset.model, preset.model.reducer
     try:
         config = preset.replace(

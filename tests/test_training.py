@@ -2,17 +2,32 @@ import pytest
 import torch
 
 from agent.classifiers import load_classifier
-from agent.data import ImageSet
+from agent.data import ImageSet, PhotoSet
 from agent.rgan.config import ModelConfig, ReducerConfig, TrainConfig
 from agent.rgan.model import load_model
-from agent.rgan.train import (CHECKPOINT_NAME, MODEL_NAME, build_trainer, resume_trainer, save_trainer,
+from agent.rgan.train import (CHECKPOINT_NAME, MODEL_NAME, Channel, build_trainer, resume_trainer, save_trainer,
                               train, train_epoch)
 
 SMALL = ModelConfig(width=4, g_depth=1, r_depth=1, d_width=8)
+SMALL_KEYED = ModelConfig(width=4, g_depth=1, r_depth=1, d_width=8, keyed=True, key_noise=2 / 255,
+                          g_stride=2, norm="batch", reducer=ReducerConfig(down="avg"))
 
 
 def small_config(**changes):
     return TrainConfig(**{"model": SMALL, "epochs": 2, "batch_size": 8, "lr_step": 1, **changes})
+
+
+def photo_config(**changes):
+    """The photo path with every channel transform on: keys, crops, downscaling, JPEG."""
+    return small_config(model=SMALL_KEYED, data="photos", crop=24, resize_min=0.5, jpeg_prob=1.0, **changes)
+
+
+def random_photos(count=12, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    sizes = [(int(torch.randint(20, 40, (1,), generator=generator)), int(torch.randint(20, 40, (1,), generator=generator)))
+             for _ in range(count)]
+    images = [torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8) for h, w in sizes]
+    return PhotoSet(images, torch.full((count,), -1), [f"{i}.png" for i in range(count)])
 
 
 def random_images(count=16, size=16, seed=0):
@@ -35,16 +50,18 @@ def test_a_short_run_on_real_images_lowers_the_attack_and_recovery_losses(cifar_
     assert last["L_R_mse"] < 0.7 * first["L_R_mse"]
 
 
-def test_resumed_training_is_identical_to_uninterrupted_training(tmp_path, tiny_classifier):
-    data = random_images()
-    straight = build_trainer(small_config(), [tiny_classifier])
+@pytest.mark.parametrize("make_config, make_data", [(small_config, random_images), (photo_config, random_photos)],
+                         ids=["cifar", "keyed-photos"])
+def test_resumed_training_is_identical_to_uninterrupted_training(tmp_path, tiny_classifier, make_config, make_data):
+    data = make_data()
+    straight = build_trainer(make_config(), [tiny_classifier])
     for _ in range(2):
         train_epoch(straight, data)
 
-    first_half = build_trainer(small_config(), [tiny_classifier])
+    first_half = build_trainer(make_config(), [tiny_classifier])
     train_epoch(first_half, data)
     save_trainer(first_half, tmp_path)
-    resumed = build_trainer(small_config(), [tiny_classifier])
+    resumed = build_trainer(make_config(), [tiny_classifier])
     assert resume_trainer(resumed, tmp_path)
     assert resumed.epoch == 1
     train_epoch(resumed, data)
@@ -92,3 +109,20 @@ def test_the_recover_adversarial_loss_is_always_measured(tiny_classifier, beta):
 def test_training_needs_a_target():
     with pytest.raises(ValueError, match="target"):
         build_trainer(small_config(), [])
+
+
+def test_channel_transforms_draw_nothing_when_off():
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    assert Channel.draw(small_config(), 8, generator) == Channel()
+    assert torch.equal(generator.get_state(), state)
+    channel = Channel.draw(photo_config(), 8, generator)
+    assert 0.5 <= channel.scale <= 1 and len(channel.jpeg_quality) == 8
+    assert all(80 <= q <= 95 for q in channel.jpeg_quality)
+
+
+def test_keyed_training_writes_a_keyed_model(tmp_path, tiny_classifier):
+    trainer = train(photo_config(), random_photos(), [tiny_classifier], tmp_path, show_progress=False)
+    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in trainer.history)
+    model, extra = load_model(tmp_path / MODEL_NAME)
+    assert model.config.keyed and extra["config"]["data"] == "photos"
