@@ -40,3 +40,12 @@ class TinyClassifier(torch.nn.Module):
 @pytest.fixture
 def tiny_classifier():
     return TinyClassifier()
+
+
+@pytest.fixture(scope="session")
+def imagenet_val():
+    from agent.data import load_photos
+
+    if not (shared_dir() / "data" / "photos").exists():
+        pytest.skip("../shared is not available")
+    return load_photos("imagenet-val")

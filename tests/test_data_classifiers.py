@@ -25,3 +25,36 @@ def test_augmentation_is_reproducible_from_its_generator():
     a = augment(images, torch.Generator().manual_seed(1))
     b = augment(images, torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and a.shape == images.shape
+
+
+def test_photo_splits_follow_the_protocol():
+    from agent.data import photo_paths, shared_dir
+
+    if not (shared_dir() / "data" / "photos").exists():
+        import pytest
+        pytest.skip("../shared is not available")
+    train, val, test = (photo_paths(split) for split in ("train", "imagenet-val", "bsds-test"))
+    assert (len(train), len(val), len(test)) == (1100, 200, 200)
+    assert not {p.name for p in train} & {p.name for p in val}
+    assert sorted(val)[0].name > sorted(p for p in train if p.suffix == ".JPEG")[-1].name
+
+
+def test_mobilenet_v2_classifies_the_centre_crops(imagenet_val):
+    from agent.data import centre_crops
+
+    crops = centre_crops(imagenet_val.subset(60))
+    assert crops.images.shape == (60, 3, 224, 224)
+    with torch.no_grad():
+        predictions = load_classifier("imagenet-mobilenetv2")(to_float(crops.images)).argmax(1)
+    # about 84% on all of imagenet-sample (../shared/README.md)
+    assert metrics.accuracy(predictions, crops.labels) > 0.7
+
+
+def test_random_crops_are_reproducible_and_sized():
+    from agent.data import random_crops
+
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((40, 60), (30, 30), (16, 50))]
+    a = random_crops(images, 24, torch.Generator().manual_seed(2))
+    b = random_crops(images, 24, torch.Generator().manual_seed(2))
+    assert a.shape == (3, 3, 24, 24) and torch.equal(a, b)
+    assert 0 <= a.min() and a.max() <= 1
