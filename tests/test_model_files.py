@@ -20,3 +20,24 @@ def test_a_foreign_safetensors_file_is_refused(tmp_path):
     save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not an rgan-agent model"):
         load_model(tmp_path / "other.safetensors")
+
+
+def test_the_shipped_version_1_cifar_model_still_loads():
+    from pathlib import Path
+
+    model, _ = load_model(Path(__file__).parents[1] / "agent" / "weights" / "cifar10-rgan.safetensors")
+    assert not model.config.keyed
+
+
+def test_an_unknown_format_version_is_refused(tmp_path):
+    model = RGAN(ModelConfig(width=4, g_depth=1, r_depth=1))
+    save_model(model, tmp_path / "m.safetensors")
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    save_file(load_file(str(tmp_path / "m.safetensors")), str(tmp_path / "future.safetensors"),
+              metadata={**metadata, "version": "99"})
+    with pytest.raises(ValueError, match="version '99'"):
+        load_model(tmp_path / "future.safetensors")

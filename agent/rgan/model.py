@@ -21,7 +21,9 @@ from .nets import PerturbationNet
 from .reducer import DimensionReducer
 
 MODEL_FORMAT = "rgan-agent/model"
-MODEL_FORMAT_VERSION = "1"
+# 2 added the keyed options to the config; version 1 files (unkeyed models) load unchanged
+MODEL_FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 # R may have to undo up to half a grey level of rounding on top of the bounded perturbation.
 RECOVER_MARGIN = 1 / 255
 
@@ -107,9 +109,9 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[RGAN, di
         metadata = handle.metadata() or {}
     if metadata.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not an rgan-agent model file")
-    if metadata.get("version") != MODEL_FORMAT_VERSION:
+    if metadata.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{path} has model format version {metadata.get('version')!r}, "
-                         f"this agent reads version {MODEL_FORMAT_VERSION}")
+                         f"this agent reads versions {', '.join(READABLE_VERSIONS)}")
     model = RGAN(ModelConfig.from_dict(json.loads(metadata["config"])))
     model.load_state_dict(load_file(str(path), device="cpu"))
     return model.to(device).eval(), json.loads(metadata.get("extra", "{}"))
