@@ -147,7 +147,7 @@ def train_step(
         # always measured; back-propagated only when trained (β > 0)
         with torch.set_grad_enabled(config.beta > 0):
             r_adv = torch.stack([
-                losses.recover_adv(target(recovered).float(), y)
+                losses.recover_adv(target(downscale(recovered, channel.scale)).float(), y)
                 for target, y in zip(trainer.targets, labels)
             ]).mean()
         loss_r = config.alpha * r_mse + config.beta * r_adv

@@ -1,0 +1,476 @@
+"""Protect and recover real photos of any size with a keyed RGAN: the library API under the CLI
+and the service.
+
+A photo is brought to its working resolution (never upscaled), its colour channels are protected
+by G + DR conditioned on the key's pattern, and what recovery will need to know about the
+original (sizes, channel layout, bit depth, key pattern version) is returned as `ProtectInfo`.
+Recovery subtracts R's estimate at the working resolution: a photo that was downscaled for
+protection cannot get its original pixels back, only the working-size image.
+
+Large photos are run tile by tile. The networks are fully convolutional and the photo model uses
+batch normalisation, which in eval mode is a fixed per-channel affine map, so every output pixel
+depends only on a bounded neighbourhood: a tile with enough context around it gives the same
+centre as the whole image does, while memory stays bounded by the tile size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import math
+import os
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .atomic import atomic_path
+from .rgan.keying import PATTERN_VERSION, check_key, key_pattern
+from .rgan.model import RGAN, load_model
+from .rgan.nets import ENCODER_STRIDE
+
+DEFAULT_WEIGHTS = "photo-rgan.safetensors"
+# Beyond this a photo is more likely a mistake (or a decompression bomb) than a photo: 100 MP is
+# already larger than what any current camera writes.
+MAX_PIXELS = 100_000_000
+MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+BIT_DEPTHS = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}
+SUFFIX_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+# Tile origins are kept on this grid (see `_alignment`), so the tile size must lie on it too.
+TILE_GRID = 16
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ProtectOptions:
+    """How a photo is brought to its working resolution and how inference is split into tiles.
+
+    The working resolution bounds both the cost of protection and what a platform would keep
+    anyway (they downscale uploads); `None` protects at full size. Tiling changes nothing in the
+    result (within one grey level of rounding), only the memory it takes.
+    """
+
+    max_side: int | None = 2048
+    tile: int = 1024
+    # context around each tile, in pixels; it must cover the networks' reach (about 90 px for the
+    # photo model's G), and is rounded up to the tile grid
+    overlap: int = 96
+    tile_above: int = 2048 * 2048
+
+    def __post_init__(self) -> None:
+        if self.max_side is not None and (not _is_int(self.max_side) or self.max_side < TILE_GRID):
+            raise ValueError(f"max_side must be None or an integer of at least {TILE_GRID}, got {self.max_side!r}")
+        if not _is_int(self.tile) or self.tile < TILE_GRID or self.tile % TILE_GRID:
+            raise ValueError(f"tile must be a positive multiple of {TILE_GRID}, got {self.tile!r}")
+        if not _is_int(self.overlap) or self.overlap < 0:
+            raise ValueError(f"overlap must be a non-negative integer, got {self.overlap!r}")
+        if not _is_int(self.tile_above) or self.tile_above < 1:
+            raise ValueError(f"tile_above must be a positive number of pixels, got {self.tile_above!r}")
+
+
+@dataclass(frozen=True)
+class ProtectInfo:
+    """What recovery needs to know about a protected photo, and what provenance records of it.
+
+    Sizes are (width, height). `mode` is the original channel layout: grayscale photos are
+    protected (and stay) in colour, and recovery turns them back into grayscale.
+    """
+
+    original_size: tuple[int, int]
+    working_size: tuple[int, int]
+    mode: str
+    bit_depth: int
+    key_pattern_version: int = PATTERN_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("original_size", "working_size"):
+            size = getattr(self, name)
+            if (not isinstance(size, (tuple, list)) or len(size) != 2
+                    or not all(_is_int(side) and side >= 1 for side in size)):
+                raise ValueError(f"{name} must be (width, height) in positive integers, got {size!r}")
+            object.__setattr__(self, name, tuple(size))
+        if any(work > orig for work, orig in zip(self.working_size, self.original_size)):
+            raise ValueError(f"working size {self.working_size} is larger than the original "
+                             f"{self.original_size}; photos are never upscaled")
+        if self.mode not in MODES.values():
+            raise ValueError(f"mode must be one of {', '.join(MODES.values())}, got {self.mode!r}")
+        if self.bit_depth not in BIT_DEPTHS.values() or not _is_int(self.bit_depth):
+            raise ValueError(f"bit_depth must be 8 or 16, got {self.bit_depth!r}")
+        if not _is_int(self.key_pattern_version) or self.key_pattern_version < 1:
+            raise ValueError(f"key_pattern_version must be a positive integer, got {self.key_pattern_version!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "original_size": list(self.original_size),
+            "working_size": list(self.working_size),
+            "mode": self.mode,
+            "bit_depth": self.bit_depth,
+            "key_pattern_version": self.key_pattern_version,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProtectInfo:
+        """Reads what `to_dict` wrote, typically back from JSON; anything else is a ValueError
+        rather than a recovery that silently goes wrong."""
+        if not isinstance(data, dict):
+            raise ValueError(f"protect info must be a dict, got {type(data).__name__}")
+        fields = {"original_size", "working_size", "mode", "bit_depth", "key_pattern_version"}
+        if set(data) != fields:
+            missing, unknown = sorted(fields - set(data)), sorted(set(data) - fields)
+            raise ValueError(f"protect info fields do not match (missing: {missing}, unknown: {unknown})")
+        return cls(**data)
+
+
+@functools.cache
+def default_model() -> RGAN:
+    """The shipped photo model, loaded once per process."""
+    path = Path(str(resources.files("agent") / "weights" / DEFAULT_WEIGHTS))
+    if not path.is_file():
+        raise FileNotFoundError(f"the default photo model {path} is not installed; "
+                                f"pass a model explicitly or install the photo weights")
+    model, _ = load_model(path)
+    return model
+
+
+def protect(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOptions(),
+            model: RGAN | None = None) -> tuple[np.ndarray, ProtectInfo]:
+    """Protects a photo ((H, W) or (H, W, C) uint8/uint16) with the key.
+
+    Returns the protected image at working resolution, in colour (RGB or RGBA, same dtype), and
+    the `ProtectInfo` that recovery and provenance need. Alpha is carried over untouched.
+    """
+    pixels, mode = _check_image(image)
+    check_key(key)
+    height, width = pixels.shape[:2]
+    work_w, work_h = _working_size(width, height, options.max_side)
+    if (work_w, work_h) != (width, height):
+        pixels = _resize(pixels, work_w, work_h)
+    colour, alpha = _split(pixels)
+    with _inference(model) as net:
+        protected = _run(colour, key, net, options, lambda x, pattern: x + net.perturbation(x, pattern))
+    # Grayscale photos come back in colour: R was trained on colour perturbations and needs all
+    # three channels of G's output; averaging them back to one channel would throw away most of
+    # what R reads and what the key pattern put there (an independent sign per channel).
+    result = protected if alpha is None else np.concatenate([protected, alpha], axis=2)
+    return result, ProtectInfo((width, height), (work_w, work_h), mode, BIT_DEPTHS[pixels.dtype])
+
+
+def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, model: RGAN | None = None,
+            *, options: ProtectOptions = ProtectOptions()) -> np.ndarray:
+    """Undoes the protection with the key: the image minus R's estimate of the perturbation.
+
+    The result has the protected image's size (the working resolution: pixels dropped by a
+    downscale before protection cannot come back) and dtype. With `info`, the image must still
+    have the working size, and a grayscale original comes back grayscale ((H, W) or (H, W, 2)).
+    Only the tiling fields of `options` apply.
+    """
+    pixels, mode = _check_image(image)
+    check_key(key)
+    height, width = pixels.shape[:2]
+    if info is not None:
+        if info.working_size != (width, height):
+            raise ValueError(f"the image is {width}×{height} but was protected at "
+                             f"{info.working_size[0]}×{info.working_size[1]}; recovery needs the "
+                             f"protected image at its own size (was it resized?)")
+        if info.key_pattern_version != PATTERN_VERSION:
+            raise ValueError(f"the image was protected with key pattern version {info.key_pattern_version}; "
+                             f"this agent makes version {PATTERN_VERSION}")
+    colour, alpha = _split(pixels)
+    with _inference(model) as net:
+        recovered = _run(colour, key, net, options, lambda x, pattern: x - net.estimate(x, pattern))
+    if (info.mode if info is not None else mode) in ("L", "LA"):
+        # the three channels were protected apart; their mean is the best estimate of the one
+        grey = np.rint(recovered.mean(axis=2, dtype=np.float64)).astype(pixels.dtype)
+        return grey if alpha is None else np.stack([grey, alpha[..., 0]], axis=2)
+    return recovered if alpha is None else np.concatenate([recovered, alpha], axis=2)
+
+
+def protect_file(src: Path, dst: Path, key: bytes, options: ProtectOptions = ProtectOptions(),
+                 model: RGAN | None = None, quality: int = 95) -> ProtectInfo:
+    """Protects the photo in `src` into `dst` (format from dst's suffix: .png, .jpg/.jpeg, .webp).
+
+    `src` is only read. `dst` appears complete or not at all. `quality` applies to JPEG and WebP.
+    """
+    src, dst = _distinct(src, dst)
+    _check_format(dst, quality)
+    pixels, icc = _read_image(src)
+    _check_writable(dst, pixels.dtype, pixels.shape[2] in (2, 4))
+    protected, info = protect(pixels, key, options, model)
+    _write_image(protected, dst, quality, icc)
+    return info
+
+
+def recover_file(src: Path, dst: Path, key: bytes, info: ProtectInfo | None = None,
+                 model: RGAN | None = None, quality: int = 95) -> None:
+    """Recovers the protected photo in `src` into `dst`, like `recover` (working resolution)."""
+    src, dst = _distinct(src, dst)
+    _check_format(dst, quality)
+    pixels, icc = _read_image(src)
+    _check_writable(dst, pixels.dtype, pixels.shape[2] in (2, 4))
+    _write_image(recover(pixels, key, info, model), dst, quality, icc)
+
+
+# --- arrays -----------------------------------------------------------------------------------
+
+
+def _check_image(image: np.ndarray) -> tuple[np.ndarray, str]:
+    """The image as (H, W, C) and its layout name, or a ValueError that says what is wrong."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"an image must be a numpy array, got {type(image).__name__}")
+    if image.dtype not in BIT_DEPTHS:
+        raise ValueError(f"image dtype must be uint8 or uint16, got {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or not 1 <= image.shape[2] <= 4:
+        raise ValueError(f"an image must be (H, W) or (H, W, C) with 1 to 4 channels, got shape {image.shape}")
+    height, width = image.shape[:2]
+    if height == 0 or width == 0:
+        raise ValueError(f"the image is empty (shape {image.shape})")
+    if height * width > MAX_PIXELS:
+        raise ValueError(f"the image has {width}×{height} = {height * width:,} pixels; at most "
+                         f"{MAX_PIXELS:,} are accepted")
+    return image, MODES[image.shape[2]]
+
+
+def _working_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    long_side = max(width, height)
+    if max_side is None or long_side <= max_side:
+        return width, height
+    scale = max_side / long_side
+    if width >= height:
+        return max_side, max(1, round(height * scale))
+    return max(1, round(width * scale)), max_side
+
+
+def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Antialiased (Lanczos) downscale, channel by channel in float so that 16-bit depth survives
+    and alpha is resized exactly like the colours (no premultiplication that would lose the
+    colour of transparent pixels)."""
+    maxval = np.iinfo(pixels.dtype).max
+    channels = []
+    for c in range(pixels.shape[2]):
+        plane = Image.fromarray(pixels[:, :, c].astype(np.float32))
+        resized = np.asarray(plane.resize((width, height), Image.Resampling.LANCZOS))
+        channels.append(np.clip(np.rint(resized), 0, maxval).astype(pixels.dtype))
+    return np.stack(channels, axis=2)
+
+
+def _split(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(colour channels: 1 or 3, alpha or None), both views: nothing is copied."""
+    channels = pixels.shape[2]
+    colour = pixels[:, :, :3] if channels >= 3 else pixels[:, :, :1]
+    alpha = pixels[:, :, channels - 1:] if channels in (2, 4) else None
+    return colour, alpha
+
+
+# --- inference --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _inference(model: RGAN | None) -> Iterator[RGAN]:
+    """The model in eval mode under inference mode, restoring its training flag afterwards so a
+    caller's model in the middle of training is left as it was found."""
+    net = default_model() if model is None else model
+    if not net.config.keyed:
+        raise ValueError("the pipeline protects with a key, and this model is not keyed")
+    training = net.training
+    net.eval()
+    try:
+        with torch.inference_mode():
+            yield net
+    finally:
+        net.train(training)
+
+
+def _alignment(net: RGAN) -> int:
+    """Shifting the input commutes with the networks only by multiples of every stride in them:
+    G's total (4 × g_stride, 8 for the photo model), R's 4 and DR's kernel. Tile origins stay on
+    a multiple of those and of the tile grid."""
+    config = net.config
+    kernel = config.reducer.kernel if config.reducer.down else 1
+    return math.lcm(TILE_GRID, ENCODER_STRIDE * config.g_stride, ENCODER_STRIDE, kernel)
+
+
+def _spans(length: int, step: int, context: int) -> list[tuple[int, int, int, int]]:
+    """(context start, context end, core start, core end) along one axis."""
+    return [(max(0, start - context), min(length, start + step + context), start, min(length, start + step))
+            for start in range(0, length, step)]
+
+
+def _run(colour: np.ndarray, key: bytes, net: RGAN, options: ProtectOptions,
+         step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """Applies `step_fn(x, pattern)` (x on [0, 1], (1, 3, h, w)) over the image, tile by tile
+    above `options.tile_above` pixels, and returns it rounded to the image's grid as (H, W, 3)."""
+    height, width = colour.shape[:2]
+    maxval = np.iinfo(colour.dtype).max
+    # One pattern for the whole image, sliced per tile: the pattern is a function of the image's
+    # size, so tiles must not make their own. int8 keeps it at a quarter of float32's memory.
+    pattern = key_pattern(key, height, width).to(torch.int8)
+    if height * width > options.tile_above:
+        if net.config.norm != "batch":
+            raise ValueError("this model normalises over the whole image (instance norm), so it cannot "
+                             "be run tile by tile; raise tile_above or use a batch-norm model")
+        align = _alignment(net)
+        step = -(-options.tile // align) * align
+        context = 16
+        rows, cols = _spans(height, step, context), _spans(width, step, context)
+    else:
+        rows, cols = [(0, height, 0, height)], [(0, width, 0, width)]
+    device = next(net.parameters()).device
+    out = np.empty((height, width, 3), dtype=colour.dtype)
+    for y0, y1, cy0, cy1 in rows:
+        for x0, x1, cx0, cx1 in cols:
+            tile = torch.from_numpy(colour[y0:y1, x0:x1].astype(np.float32))
+            x = (tile.to(device).permute(2, 0, 1)[None] / maxval).expand(1, 3, -1, -1)
+            result = step_fn(x, pattern[:, y0:y1, x0:x1].to(device=device, dtype=torch.float32))
+            core = result[0, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0].clamp(0, 1) * maxval
+            out[cy0:cy1, cx0:cx1] = core.round().permute(1, 2, 0).cpu().numpy().astype(colour.dtype)
+    return out
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def _distinct(src: Path, dst: Path) -> tuple[Path, Path]:
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve() or (dst.exists() and src.exists() and os.path.samefile(src, dst)):
+        raise ValueError(f"the output {dst} is the input file; the original is never overwritten")
+    return src, dst
+
+
+def _check_format(dst: Path, quality: int) -> str:
+    fmt = SUFFIX_FORMATS.get(dst.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{dst}: unknown output format {dst.suffix!r}; use .png, .jpg, .jpeg or .webp")
+    if not _is_int(quality) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be an integer in 1..100, got {quality!r}")
+    return fmt
+
+
+def _read_image(path: Path) -> tuple[np.ndarray, bytes | None]:
+    """The image's pixels the right way up, as (H, W, C) uint8 or uint16, and its ICC profile."""
+    try:
+        with warnings.catch_warnings():
+            # MAX_PIXELS is checked below, before any pixel is decoded
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise ValueError(f"{path} has {image.width}×{image.height} pixels; at most "
+                                     f"{MAX_PIXELS:,} are accepted")
+                icc = image.info.get("icc_profile")
+                if image.format == "PNG" and _png_bit_depth(path) == 16:
+                    return _decode_png16(path), icc
+                return _pillow_array(ImageOps.exif_transpose(image), path), icc
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such image: {path}") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{path} is not an image that can be read ({error})") from None
+
+
+def _pillow_array(image: Image.Image, path: Path) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return np.asarray(image).astype(np.uint16)[:, :, None]
+    if mode == "I":
+        values = np.asarray(image)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"{path} holds 32-bit integer pixels; only 8- and 16-bit images are supported")
+        return values.astype(np.uint16)[:, :, None]
+    if mode == "F":
+        raise ValueError(f"{path} holds floating-point pixels; only 8- and 16-bit images are supported")
+    if mode not in MODES.values():
+        has_alpha = mode in ("PA", "La", "RGBa") or "transparency" in image.info
+        grey = mode in ("1", "La")
+        image = image.convert(("LA" if has_alpha else "L") if grey else ("RGBA" if has_alpha else "RGB"))
+    array = np.asarray(image)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _png_bit_depth(path: Path) -> int:
+    with open(path, "rb") as handle:
+        header = handle.read(26)
+    # signature (8), IHDR length (4) and type (4), width (4), height (4), then the bit depth
+    return header[24] if len(header) == 26 and header[12:16] == b"IHDR" else 8
+
+
+def _decode_png16(path: Path) -> np.ndarray:
+    """Pillow reads 16-bit colour PNGs as 8-bit (it has no 16-bit RGB mode), which would silently
+    drop the low byte the perturbation lives in; torchvision's libpng decoder keeps all 16 bits.
+    Its image I/O is deprecated in favour of torchcodec, but it is pinned here and works."""
+    from torchvision.io import ImageReadMode, decode_png
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        data = torch.from_numpy(np.frombuffer(Path(path).read_bytes(), dtype=np.uint8).copy())
+        decoded = decode_png(data, ImageReadMode.UNCHANGED, apply_exif_orientation=True)
+    return decoded.permute(1, 2, 0).contiguous().numpy().astype(np.uint16)
+
+
+def _check_writable(dst: Path, dtype: np.dtype, alpha: bool) -> None:
+    fmt = SUFFIX_FORMATS[dst.suffix.lower()]
+    if fmt != "PNG" and dtype == np.uint16:
+        raise ValueError(f"{dst}: {fmt} cannot hold 16-bit pixels; save as .png")
+    # (WebP does hold alpha, and libwebp keeps it lossless even in a lossy file)
+    if fmt == "JPEG" and alpha:
+        raise ValueError(f"{dst}: JPEG cannot hold an alpha channel; save as .png")
+
+
+def _write_image(pixels: np.ndarray, dst: Path, quality: int, icc: bytes | None) -> None:
+    fmt = _check_format(dst, quality)
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    _check_writable(dst, pixels.dtype, channels in (2, 4))
+    icc = _matching_icc(icc, channels)
+    if pixels.dtype == np.uint16:
+        data = _encode_png16(pixels.reshape(*pixels.shape[:2], channels), icc)
+    else:
+        buffer = io.BytesIO()
+        params: dict[str, Any] = {"icc_profile": icc} if icc else {}
+        if fmt == "JPEG":
+            # 4:4:4: chroma subsampling would average away half of the colour perturbation
+            params.update(quality=quality, subsampling=0)
+        elif fmt == "WEBP":
+            params.update(quality=quality)
+        Image.fromarray(pixels.squeeze(2) if channels == 1 else pixels).save(buffer, format=fmt, **params)
+        data = buffer.getvalue()
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(data)
+
+
+def _matching_icc(icc: bytes | None, channels: int) -> bytes | None:
+    """The source's colour profile if it still describes the output: grayscale photos come out
+    in colour and CMYK ones as RGB, and a profile of another colour space would be misapplied."""
+    space = b"GRAY" if channels <= 2 else b"RGB "
+    return icc if icc and icc[16:20] == space else None
+
+
+def _encode_png16(pixels: np.ndarray, icc: bytes | None) -> bytes:
+    """A 16-bit PNG of any of the four layouts (Pillow writes 16 bits only for grayscale).
+    Every row uses the Up filter: vectorised, and it compresses photos far better than none."""
+    height, width, channels = pixels.shape
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = pixels.astype(">u2").reshape(height, -1).view(np.uint8)
+    filtered = np.empty((height, rows.shape[1] + 1), dtype=np.uint8)
+    filtered[:, 0] = 2
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 wraps modulo 256, as PNG wants
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    parts = [b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))]
+    if icc:
+        parts.append(chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)))
+    parts += [chunk(b"IDAT", zlib.compress(filtered.tobytes(), 6)), chunk(b"IEND", b"")]
+    return b"".join(parts)
