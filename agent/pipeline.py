@@ -23,10 +23,10 @@ import os
 import struct
 import warnings
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,8 @@ from .rgan.keying import PATTERN_VERSION, check_key, key_pattern
 from .rgan.model import RGAN, load_model
 from .rgan.nets import ENCODER_STRIDE
 
-DEFAULT_WEIGHTS = "photo-rgan.safetensors"
+# the shipped photo model, used wherever no model is given
+DEFAULT_MODEL_PATH = Path(str(resources.files("agent") / "weights" / "photo-rgan.safetensors"))
 # Beyond this a photo is more likely a mistake (or a decompression bomb) than a photo: 100 MP is
 # already larger than what any current camera writes.
 MAX_PIXELS = 100_000_000
@@ -64,8 +65,8 @@ class ProtectOptions:
 
     max_side: int | None = 2048
     tile: int = 1024
-    # context around each tile, in pixels; it must cover the networks' reach (about 90 px for the
-    # photo model's G), and is rounded up to the tile grid
+    # context on each side of a tile, rounded up to the tile grid; it covers the networks' reach
+    # (86 px for the photo model's G, 44 for R), so the tiles' centres are exact
     overlap: int = 96
     tile_above: int = 2048 * 2048
 
@@ -136,11 +137,10 @@ class ProtectInfo:
 @functools.cache
 def default_model() -> RGAN:
     """The shipped photo model, loaded once per process."""
-    path = Path(str(resources.files("agent") / "weights" / DEFAULT_WEIGHTS))
-    if not path.is_file():
-        raise FileNotFoundError(f"the default photo model {path} is not installed; "
+    if not DEFAULT_MODEL_PATH.is_file():
+        raise FileNotFoundError(f"the default photo model {DEFAULT_MODEL_PATH} is not installed; "
                                 f"pass a model explicitly or install the photo weights")
-    model, _ = load_model(path)
+    model, _ = load_model(DEFAULT_MODEL_PATH)
     return model
 
 
@@ -324,7 +324,7 @@ def _run(colour: np.ndarray, key: bytes, net: RGAN, options: ProtectOptions,
                              "be run tile by tile; raise tile_above or use a batch-norm model")
         align = _alignment(net)
         step = -(-options.tile // align) * align
-        context = 16
+        context = -(-options.overlap // align) * align
         rows, cols = _spans(height, step, context), _spans(width, step, context)
     else:
         rows, cols = [(0, height, 0, height)], [(0, width, 0, width)]

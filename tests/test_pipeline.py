@@ -1,0 +1,393 @@
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from agent import metrics, pipeline
+from agent.pipeline import (
+    DEFAULT_MODEL_PATH,
+    ProtectInfo,
+    ProtectOptions,
+    default_model,
+    protect,
+    protect_file,
+    recover,
+    recover_file,
+)
+from agent.rgan.config import ModelConfig, ReducerConfig
+from agent.rgan.keying import PATTERN_VERSION
+from agent.rgan.model import RGAN, save_model
+
+SAMPLE = Path(__file__).resolve().parents[1] / "agent" / "assets" / "sample.png"
+WEIGHTS = DEFAULT_MODEL_PATH
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+EPSILON_LEVELS = 8  # the model's epsilon, 8/255, in 8-bit grey levels
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The photo model's shape with random weights, made to matter: freshly initialised, G's share
+    of the perturbation is a quarter of a grey level and batch norm is the identity, which would
+    let tiles on the wrong grid or short of context pass unnoticed."""
+    torch.manual_seed(0)
+    config = ModelConfig(keyed=True, key_noise=3 / 255, g_stride=2, norm="batch", reducer=ReducerConfig(down="avg"))
+    model = RGAN(config).eval()
+    with torch.no_grad():
+        for net in (model.generator, model.recoverer):
+            net.decoder[-1].weight.mul_(20)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2)
+    return model
+
+
+def photo(width: int, height: int, mode: str = "RGB") -> np.ndarray:
+    """A real photo (the bundled cat) cropped to the aspect ratio and downscaled: protection
+    is meant for photos, and noise would hide what the networks do to smooth regions."""
+    with Image.open(SAMPLE) as image:
+        image = image.convert("RGB")
+        scale = min(image.width / width, image.height / height)
+        box = (0, 0, round(width * scale), round(height * scale))
+        return np.asarray(image.resize((width, height), Image.Resampling.LANCZOS, box=box).convert(mode))
+
+
+def with_alpha(rgb: np.ndarray, seed: int = 0) -> np.ndarray:
+    alpha = np.random.default_rng(seed).integers(0, 256, rgb.shape[:2], dtype=np.uint8)
+    return np.concatenate([rgb, alpha[:, :, None]], axis=2)
+
+
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    scale = np.iinfo(image.dtype).max
+
+    def tensor(a):
+        return torch.from_numpy(a.astype(np.float32) / scale).reshape(1, -1)
+
+    return metrics.psnr(tensor(image), tensor(reference)).item()
+
+
+def levels(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int64) - b.astype(np.int64)).max())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- arrays -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(96, 80), (97, 61)], ids=str)
+def test_protect_keeps_size_and_dtype_within_epsilon(model, size):
+    original = photo(*size)
+    protected, info = protect(original, KEY, model=model)
+    assert protected.shape == original.shape and protected.dtype == np.uint8
+    assert 0 < levels(protected, original) <= EPSILON_LEVELS
+    assert info == ProtectInfo(size, size, "RGB", 8, PATTERN_VERSION)
+    recovered = recover(protected, KEY, info, model=model)
+    assert recovered.shape == original.shape and recovered.dtype == np.uint8
+
+
+def test_grayscale_is_protected_in_colour_and_recovered_grayscale(model):
+    grey = photo(96, 80, "L")
+    protected, info = protect(grey, KEY, model=model)
+    assert protected.shape == (80, 96, 3) and info.mode == "L"
+    # the three channels are protected apart (the key pattern alone differs between them)
+    assert not np.array_equal(protected[..., 0], protected[..., 1])
+    assert levels(protected, np.repeat(grey[:, :, None], 3, axis=2)) <= EPSILON_LEVELS
+    recovered = recover(protected, KEY, info, model=model)
+    assert recovered.shape == grey.shape and recovered.dtype == np.uint8
+
+
+def test_grayscale_with_alpha_keeps_alpha_and_layout(model):
+    grey_alpha = with_alpha(photo(96, 80, "L")[:, :, None])
+    protected, info = protect(grey_alpha, KEY, model=model)
+    assert protected.shape == (80, 96, 4) and info.mode == "LA"
+    assert np.array_equal(protected[..., 3], grey_alpha[..., 1])
+    recovered = recover(protected, KEY, info, model=model)
+    assert recovered.shape == (80, 96, 2)
+    assert np.array_equal(recovered[..., 1], grey_alpha[..., 1])
+
+
+def test_alpha_is_untouched_bit_for_bit(model):
+    rgba = with_alpha(photo(97, 61))
+    protected, info = protect(rgba, KEY, model=model)
+    assert info.mode == "RGBA" and protected.shape == rgba.shape
+    assert np.array_equal(protected[..., 3], rgba[..., 3])
+    assert levels(protected[..., :3], rgba[..., :3]) <= EPSILON_LEVELS
+    assert np.array_equal(recover(protected, KEY, info, model=model)[..., 3], rgba[..., 3])
+
+
+def test_sixteen_bit_stays_sixteen_bit(model):
+    original = photo(96, 80).astype(np.uint16) * 257 + np.uint16(100)
+    protected, info = protect(original, KEY, model=model)
+    assert protected.dtype == np.uint16 and info.bit_depth == 16
+    assert levels(protected, original) <= round(8 / 255 * 65535) + 1
+    # rounded on the 16-bit grid, not on the 8-bit one
+    assert np.any((protected.astype(np.int64) - original) % 257)
+    recovered = recover(protected, KEY, info, model=model)
+    assert recovered.dtype == np.uint16
+    assert psnr(recovered, original) > psnr(recover(protected, OTHER_KEY, info, model=model), original)
+
+
+def test_working_resolution_downscales_but_never_upscales(model):
+    original = photo(200, 150)
+    small, info = protect(original, KEY, ProtectOptions(max_side=64), model=model)
+    assert small.shape == (48, 64, 3)
+    assert info.original_size == (200, 150) and info.working_size == (64, 48)
+    # the downscale is antialiased: close to Pillow's Lanczos result, within the perturbation
+    reference = np.asarray(Image.fromarray(original).resize((64, 48), Image.Resampling.LANCZOS))
+    assert levels(small, reference) <= EPSILON_LEVELS + 2
+    portrait, info = protect(photo(60, 90), KEY, ProtectOptions(max_side=45), model=model)
+    assert portrait.shape == (45, 30, 3) and info.working_size == (30, 45)
+    for max_side in (200, 4096, None):
+        same, info = protect(original, KEY, ProtectOptions(max_side=max_side), model=model)
+        assert same.shape == original.shape and info.working_size == info.original_size
+    rgba, _ = protect(with_alpha(original), KEY, ProtectOptions(max_side=64), model=model)
+    assert rgba.shape == (48, 64, 4)
+
+
+def test_recover_refuses_an_image_of_another_size(model):
+    protected, info = protect(photo(96, 80), KEY, model=model)
+    resized = np.asarray(Image.fromarray(protected).resize((95, 80)))
+    with pytest.raises(ValueError, match="size|resized"):
+        recover(resized, KEY, info, model=model)
+    future = ProtectInfo(info.original_size, info.working_size, info.mode, 8, PATTERN_VERSION + 1)
+    with pytest.raises(ValueError, match="pattern version"):
+        recover(protected, KEY, future, model=model)
+
+
+def test_tiled_inference_matches_the_whole_image(model, monkeypatch):
+    original = photo(320, 240)
+    whole, _ = protect(original, KEY, model=model)
+    tiles = []
+    perturbation = model.perturbation
+
+    def counting(x, pattern):
+        tiles.append(tuple(x.shape[-2:]))
+        return perturbation(x, pattern)
+
+    monkeypatch.setattr(model, "perturbation", counting)
+    # overlap 90 is rounded up to 96, keeping tile origins on the grid of 16
+    tiled_options = ProtectOptions(tile=80, overlap=90, tile_above=1)
+    tiled, _ = protect(original, KEY, tiled_options, model=model)
+    assert len(tiles) == 4 * 3 and all(h * w < 240 * 320 for h, w in tiles)
+    assert levels(tiled, whole) <= 1
+    # tiles on the wrong grid or short of context differ in many pixels, not in a few roundings
+    assert np.mean(tiled != whole) < 1e-4
+    recovered_tiled = recover(tiled, KEY, model=model, options=tiled_options)
+    recovered_whole = recover(tiled, KEY, model=model)
+    assert levels(recovered_tiled, recovered_whole) <= 1 and np.mean(recovered_tiled != recovered_whole) < 1e-4
+
+
+def test_tiling_needs_a_batch_norm_model():
+    torch.manual_seed(0)
+    instance = RGAN(ModelConfig(keyed=True, key_noise=3 / 255, norm="instance")).eval()
+    protect(photo(64, 48), KEY, model=instance)  # whole-image inference is fine
+    with pytest.raises(ValueError, match="tile by tile"):
+        protect(photo(64, 48), KEY, ProtectOptions(tile=16, tile_above=1), model=instance)
+
+
+def test_protection_is_deterministic(model):
+    original = with_alpha(photo(97, 61))
+    first, first_info = protect(original, KEY, model=model)
+    second, second_info = protect(original.copy(), KEY, model=model)
+    assert np.array_equal(first, second) and first_info == second_info
+
+
+def test_the_key_matters(model):
+    original = photo(96, 80)
+    protected, info = protect(original, KEY, model=model)
+    other, _ = protect(original, OTHER_KEY, model=model)
+    assert not np.array_equal(protected, other)
+    right = recover(protected, KEY, info, model=model)
+    wrong = recover(protected, OTHER_KEY, info, model=model)
+    # with random weights R's own estimate is noise; the key pattern's share still tells them apart
+    assert psnr(right, original) > psnr(wrong, original)
+
+
+def test_the_model_is_left_in_its_training_mode(model):
+    model.train()
+    try:
+        protect(photo(64, 48), KEY, model=model)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_an_unkeyed_model_or_a_bad_key_is_refused(model):
+    with pytest.raises(ValueError, match="not keyed"):
+        protect(photo(64, 48), KEY, model=RGAN(ModelConfig()).eval())
+    with pytest.raises(ValueError, match="32 bytes"):
+        protect(photo(64, 48), KEY[:16], model=model)
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.zeros((40, 40, 3), np.float64), "dtype"),
+    (np.zeros((40, 40, 3), np.int16), "dtype"),
+    (np.zeros((40, 40, 5), np.uint8), "shape"),
+    (np.zeros((2, 40, 40, 3), np.uint8), "shape"),
+    (np.zeros((0, 40, 3), np.uint8), "empty"),
+    (np.broadcast_to(np.zeros(1, np.uint8), (10_001, 10_000)), "pixels"),
+    ([[0, 1], [2, 3]], "numpy"),
+], ids=["float64", "int16", "5-channels", "4-d", "empty", "too-large", "list"])
+def test_bad_images_are_refused(model, image, message):
+    with pytest.raises(ValueError, match=message):
+        protect(image, KEY, model=model)
+    with pytest.raises(ValueError, match=message):
+        recover(image, KEY, model=model)
+
+
+@pytest.mark.parametrize("changes", [
+    {"max_side": 0}, {"max_side": 8}, {"tile": 100}, {"tile": 0}, {"overlap": -1}, {"tile_above": 0},
+    {"tile": 64.0},
+], ids=str)
+def test_bad_options_are_refused(changes):
+    with pytest.raises(ValueError):
+        ProtectOptions(**changes)
+
+
+def test_info_round_trips_through_json():
+    info = ProtectInfo((4000, 3000), (2048, 1536), "LA", 16)
+    assert ProtectInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info
+    assert info.key_pattern_version == PATTERN_VERSION
+
+
+GOOD = {"original_size": [400, 300], "working_size": [200, 150], "mode": "RGB", "bit_depth": 8,
+        "key_pattern_version": 1}
+
+
+@pytest.mark.parametrize("data", [
+    {k: v for k, v in GOOD.items() if k != "mode"},
+    {**GOOD, "extra": 1},
+    {**GOOD, "mode": "CMYK"},
+    {**GOOD, "bit_depth": 12},
+    {**GOOD, "bit_depth": "8"},
+    {**GOOD, "original_size": [400, -300]},
+    {**GOOD, "working_size": [200, 150, 3]},
+    {**GOOD, "working_size": [800, 600]},
+    {**GOOD, "working_size": [True, 150]},
+    {**GOOD, "key_pattern_version": 0},
+    "not a dict",
+], ids=["missing", "unknown", "mode", "depth", "depth-str", "negative", "three", "upscaled", "bool",
+        "version", "str"])
+def test_bad_info_is_refused(data):
+    assert ProtectInfo.from_dict(GOOD).working_size == (200, 150)
+    with pytest.raises(ValueError):
+        ProtectInfo.from_dict(data)
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def test_png_round_trip_leaves_the_source_alone(model, tmp_path):
+    original = photo(97, 61)
+    src = tmp_path / "photo.png"
+    Image.fromarray(original).save(src)
+    before = sha256(src)
+    info = protect_file(src, tmp_path / "protected.png", KEY, model=model)
+    protected = np.asarray(Image.open(tmp_path / "protected.png"))
+    assert np.array_equal(protected, protect(original, KEY, model=model)[0])
+    recover_file(tmp_path / "protected.png", tmp_path / "recovered.png", KEY, info, model=model)
+    recovered = np.asarray(Image.open(tmp_path / "recovered.png"))
+    assert np.array_equal(recovered, recover(protected, KEY, info, model=model))
+    assert sha256(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png", "protected.png", "recovered.png"]
+
+
+def test_sixteen_bit_grayscale_png_round_trip(model, tmp_path):
+    grey = photo(96, 80, "L").astype(np.uint16) * 257
+    src = tmp_path / "grey16.png"
+    Image.fromarray(grey).save(src)
+    info = protect_file(src, tmp_path / "protected.png", KEY, model=model)
+    assert info.mode == "L" and info.bit_depth == 16
+    expected, _ = protect(grey, KEY, model=model)
+    # Pillow would read this 16-bit RGB file as 8-bit; the pipeline keeps every bit
+    protected, _ = pipeline._read_image(tmp_path / "protected.png")
+    assert protected.dtype == np.uint16 and np.array_equal(protected, expected)
+    recover_file(tmp_path / "protected.png", tmp_path / "recovered.png", KEY, info, model=model)
+    with Image.open(tmp_path / "recovered.png") as image:
+        assert image.mode == "I;16"
+        assert np.array_equal(np.asarray(image), recover(expected, KEY, info, model=model))
+
+
+def test_jpeg_and_exif_orientation(model, tmp_path):
+    original = photo(96, 80)
+    src = tmp_path / "rotated.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown rotated 90° clockwise
+    Image.fromarray(original).save(src, exif=exif)
+    info = protect_file(src, tmp_path / "protected.jpg", KEY, model=model)
+    assert info.original_size == (80, 96)
+    with Image.open(tmp_path / "protected.jpg") as image:
+        assert image.format == "JPEG" and image.size == (80, 96)
+        shown = np.asarray(image).astype(np.float64)
+    # JPEG moves edges by more than epsilon here and there; on average the right way up is close
+    upright = np.abs(shown - np.rot90(original, -1)).mean()
+    assert upright < EPSILON_LEVELS and 2 * upright < np.abs(shown - np.rot90(original, 1)).mean()
+
+
+def test_jpeg_cannot_hold_alpha(model, tmp_path):
+    src = tmp_path / "alpha.png"
+    Image.fromarray(with_alpha(photo(64, 48))).save(src)
+    with pytest.raises(ValueError, match="alpha.*png"):
+        protect_file(src, tmp_path / "out.jpg", KEY, model=model)
+    with pytest.raises(ValueError, match="16-bit.*png"):
+        Image.fromarray(photo(64, 48, "L").astype(np.uint16)).save(tmp_path / "grey16.png")
+        protect_file(tmp_path / "grey16.png", tmp_path / "out.webp", KEY, model=model)
+    assert not (tmp_path / "out.jpg").exists() and not (tmp_path / "out.webp").exists()
+
+
+def test_the_source_is_never_the_destination(model, tmp_path):
+    src = tmp_path / "photo.png"
+    Image.fromarray(photo(64, 48)).save(src)
+    before = sha256(src)
+    for dst in (src, tmp_path / "sub" / ".." / "photo.png"):
+        with pytest.raises(ValueError, match="input"):
+            protect_file(src, dst, KEY, model=model)
+    assert sha256(src) == before
+
+
+def test_unreadable_files_are_named(model, tmp_path):
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="garbage.png"):
+        protect_file(garbage, tmp_path / "out.png", KEY, model=model)
+    with pytest.raises(FileNotFoundError):
+        protect_file(tmp_path / "missing.png", tmp_path / "out.png", KEY, model=model)
+    with pytest.raises(ValueError, match="format"):
+        protect_file(garbage, tmp_path / "out.gif", KEY, model=model)
+
+
+# --- the shipped model ------------------------------------------------------------------------
+
+
+def test_no_model_means_the_shipped_one(model, tmp_path, monkeypatch):
+    save_model(model, tmp_path / "photo.safetensors")
+    monkeypatch.setattr(pipeline, "DEFAULT_MODEL_PATH", tmp_path / "photo.safetensors")
+    default_model.cache_clear()
+    try:
+        assert np.array_equal(protect(photo(64, 48), KEY)[0], protect(photo(64, 48), KEY, model=model)[0])
+        assert default_model() is default_model()
+    finally:
+        default_model.cache_clear()
+
+
+@pytest.mark.skipif(WEIGHTS.exists(), reason="the shipped photo model is installed")
+def test_a_missing_default_model_is_explained():
+    with pytest.raises(FileNotFoundError, match="photo model"):
+        default_model()
+
+
+@pytest.mark.skipif(not WEIGHTS.exists(), reason="the shipped photo model is not trained yet")
+def test_the_shipped_model_round_trips_a_photo():
+    original = photo(451, 300)
+    protected, info = protect(original, KEY)
+    recovered = recover(protected, KEY, info)
+    assert psnr(protected, original) >= 30
+    assert psnr(recovered, original) >= 40
