@@ -316,8 +316,8 @@ def _run(colour: np.ndarray, key: bytes, net: RGAN, options: ProtectOptions,
     height, width = colour.shape[:2]
     maxval = np.iinfo(colour.dtype).max
     # One pattern for the whole image, sliced per tile: the pattern is a function of the image's
-    # size, so tiles must not make their own. int8 keeps it at a quarter of float32's memory.
-    pattern = key_pattern(key, height, width).to(torch.int8)
+    # size, so tiles must not make their own.
+    pattern = key_pattern(key, height, width)
     if height * width > options.tile_above:
         if net.config.norm != "batch":
             raise ValueError("this model normalises over the whole image (instance norm), so it cannot "

@@ -40,12 +40,14 @@ def _keystream(key: bytes, length: int) -> bytes:
 
 
 def key_pattern(key: bytes, height: int, width: int) -> torch.Tensor:
-    """(3, height, width) float32 of ±1, row-major per channel, bit i of the stream → value i."""
+    """(3, height, width) int8 of ±1, row-major per channel, bit i of the stream → value i.
+    int8 because a 24-megapixel photo's pattern would take 290 MB as float32; the model converts
+    what it uses to its own dtype."""
     if height < 1 or width < 1:
         raise ValueError(f"pattern size must be positive, got {height}x{width}")
     count = PATTERN_CHANNELS * height * width
     bits = np.unpackbits(np.frombuffer(_keystream(key, (count + 7) // 8), dtype=np.uint8))[:count]
-    signs = bits.astype(np.float32) * 2 - 1
+    signs = bits.astype(np.int8) * 2 - 1
     return torch.from_numpy(signs.reshape(PATTERN_CHANNELS, height, width))
 
 
