@@ -41,10 +41,11 @@ def print_metrics(title: str, figures: dict[str, float]) -> None:
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo-output"), "-o", "--out", help="folder for the three PNGs"),
+    out: Path = typer.Option(Path("demo-output"), "-o", "--out", help="folder for the four PNGs"),
     image: Optional[Path] = typer.Option(None, help="a photo of your own instead of the bundled sample"),
 ) -> None:
-    """Protect and then recover a photo with the shipped model; writes original/protected/recovered."""
+    """Protect a photo with a fresh random key, then recover it with that key and with a wrong one;
+    writes original / protected / recovered / wrong-key PNGs."""
     from .demo import run_demo
 
     try:

@@ -222,6 +222,24 @@ def recover_file(src: Path, dst: Path, key: bytes, info: ProtectInfo | None = No
     _write_image(recover(pixels, key, info, model), dst, quality, icc)
 
 
+def read_image(path: Path) -> np.ndarray:
+    """A photo file as (H, W, C) uint8 or uint16, the right way up (ValueError if unreadable)."""
+    return _read_image(Path(path))[0]
+
+
+def write_image(pixels: np.ndarray, dst: Path, quality: int = 95) -> None:
+    """Writes (H, W[, C]) pixels atomically, in the format of dst's suffix."""
+    _write_image(pixels if pixels.ndim == 3 else pixels[:, :, None], Path(dst), quality, None)
+
+
+def working_copy(image: np.ndarray, options: ProtectOptions = ProtectOptions()) -> np.ndarray:
+    """The photo at the working resolution `protect` would use: what recovery gives back."""
+    pixels, _ = _check_image(image)
+    height, width = pixels.shape[:2]
+    size = _working_size(width, height, options.max_side)
+    return pixels if size == (width, height) else _resize(pixels, *size)
+
+
 # --- arrays -----------------------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ import torch
 from typer.testing import CliRunner
 
 from agent.cli import app
-from agent.demo import DEFAULT_MODEL, packaged, run_demo
+from agent.demo import run_demo
 
 runner = CliRunner()
 
@@ -16,7 +16,9 @@ def test_the_shipped_model_protects_and_recovers_the_bundled_sample(tmp_path):
     assert figures["max_change_protected"] <= 8.5
     assert 30 <= figures["psnr_protected"] < 60
     assert figures["psnr_recovered"] > figures["psnr_protected"] + 5
-    for name in ("original", "protected", "recovered"):
+    # the wrong key makes it worse than not recovering at all
+    assert figures["psnr_wrong_key"] < figures["psnr_protected"]
+    for name in ("original", "protected", "recovered", "wrong-key"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
 
 
@@ -41,9 +43,9 @@ def test_demo_names_a_bad_image_and_exits_non_zero(tmp_path, content):
 def test_demo_refuses_a_photo_too_large_for_it(tmp_path, monkeypatch):
     from PIL import Image
 
-    import agent.demo
+    import agent.pipeline
 
-    monkeypatch.setattr(agent.demo, "DEMO_MAX_PIXELS", 100)
+    monkeypatch.setattr(agent.pipeline, "MAX_PIXELS", 100)
     Image.new("RGB", (11, 10)).save(tmp_path / "big.png")
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "out"), "--image", str(tmp_path / "big.png")])
     assert result.exit_code == 2 and "11×10 pixels" in result.output

@@ -19,7 +19,8 @@ def small_config(**changes):
 
 def photo_config(**changes):
     """The photo path with every channel transform on: keys, crops, downscaling, JPEG."""
-    return small_config(model=SMALL_KEYED, data="photos", crop=24, resize_min=0.5, jpeg_prob=1.0, **changes)
+    return small_config(model=SMALL_KEYED, data="photos", crop=24, resize_min=0.5, jpeg_prob=1.0,
+                        keyless_weight=1.0, **changes)
 
 
 def random_photos(count=12, seed=0):
@@ -124,5 +125,11 @@ def test_channel_transforms_draw_nothing_when_off():
 def test_keyed_training_writes_a_keyed_model(tmp_path, tiny_classifier):
     trainer = train(photo_config(), random_photos(), [tiny_classifier], tmp_path, show_progress=False)
     assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in trainer.history)
+    assert "L_A_mse" in trainer.history[-1]
     model, extra = load_model(tmp_path / MODEL_NAME)
     assert model.config.keyed and extra["config"]["data"] == "photos"
+
+
+def test_the_keyless_attacker_needs_a_keyed_model():
+    with pytest.raises(ValueError, match="keyless_weight"):
+        small_config(keyless_weight=1.0)

@@ -4,7 +4,8 @@ which gives them unlimited (original, protected) pairs, and teach the network to
 protection without a key. It is then measured on photos protected with keys it never saw.
 
 This is the attack that keyed recovery must withstand (issue 3: its recovered PSNR should stay far
-below the key holder's)."""
+below the key holder's). Unlike the attacker G trains against, this one starts fresh against the
+finished model and trains on its own keys for as long as it is given."""
 
 from __future__ import annotations
 
@@ -15,21 +16,7 @@ import torch.nn.functional as F
 
 from ..data import PhotoSet, random_crops, to_float
 from ..rgan.keying import batch_patterns, random_keys
-from ..rgan.model import RECOVER_MARGIN, RGAN
-from ..rgan.nets import PerturbationNet
-
-
-class KeylessRecoverer(torch.nn.Module):
-    """R without the key planes: predicts the perturbation from the protected image alone."""
-
-    def __init__(self, model: RGAN):
-        super().__init__()
-        config = model.config
-        self.bound = config.epsilon + RECOVER_MARGIN
-        self.net = PerturbationNet(config.width, config.r_depth, 3, 1, config.norm)
-
-    def forward(self, adversarial: torch.Tensor) -> torch.Tensor:
-        return (adversarial - self.bound * torch.tanh(self.net(2 * adversarial - 1))).clamp(0, 1)
+from ..rgan.model import RGAN, KeylessRecoverer
 
 
 def train_keyless(
@@ -45,7 +32,7 @@ def train_keyless(
     """Trains the attacker for `steps` batches of fresh crops, each protected with fresh keys; the
     seed differs from the model's training seed so the attacker's keys are its own."""
     model = model.eval()
-    attacker = KeylessRecoverer(model)
+    attacker = KeylessRecoverer(model.config)
     optimizer = torch.optim.Adam(attacker.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)

@@ -98,6 +98,9 @@ class TrainConfig:
     recover_weight: float = 1.0
     # C&W margin confidence: L_G_adv stops pushing once the runner-up logit leads by kappa
     kappa: float = 20.0
+    # keyed models: G also maximises keyless_weight * the error of a key-less recoverer trained
+    # alongside (L_A_mse), so that G's own share depends on the key and not only on the image
+    keyless_weight: float = 0.0
     # R's loss = alpha * L_R_mse + beta * L_R_adv (paper Table 2)
     alpha: float = 10.0
     beta: float = 1.0
@@ -136,6 +139,8 @@ class TrainConfig:
             raise ValueError("epochs, batch size and lr step must be at least 1")
         if self.lr <= 0:
             raise ValueError(f"the learning rate must be positive, got {self.lr}")
+        if self.keyless_weight < 0 or (self.keyless_weight and not self.model.keyed):
+            raise ValueError("keyless_weight must be non-negative, and non-zero only for a keyed model")
         if self.alpha < 0 or self.beta < 0 or self.alpha == self.beta == 0:
             raise ValueError("R needs a loss: alpha and beta must be non-negative and not both 0")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -158,9 +163,9 @@ class TrainConfig:
 
 
 # The keyed model for real photos (docs/design.md, "Keyed recovery"): G's share of the bound is
-# 5/255 and the key pattern's 3/255; G at half resolution; batch norm so that tiles are exact.
+# 4/255 and the key pattern's 4/255; G at half resolution; batch norm so that tiles are exact.
 PHOTO_CONFIG = TrainConfig(
-    model=ModelConfig(width=8, epsilon=8 / 255, keyed=True, key_noise=3 / 255, g_stride=2, norm="batch",
+    model=ModelConfig(width=8, epsilon=8 / 255, keyed=True, key_noise=4 / 255, g_stride=2, norm="batch",
                       reducer=ReducerConfig(down="avg", up="nearest", skip=True)),
     targets=("imagenet-mobilenetv2",),
     data="photos",
@@ -171,6 +176,7 @@ PHOTO_CONFIG = TrainConfig(
     # R learns exact recovery only: the cross-entropy term pulls it towards what C likes instead,
     # which costs PSNR; recovered accuracy follows from exactness
     beta=0.0,
+    keyless_weight=1.0,
     resize_min=0.4,
     jpeg_prob=0.5,
 )

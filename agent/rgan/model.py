@@ -90,6 +90,21 @@ class RGAN(nn.Module):
         return (adversarial - self.estimate(adversarial, pattern)).clamp(0, 1)
 
 
+class KeylessRecoverer(nn.Module):
+    """R's architecture without the key planes: what someone holding the public code and weights
+    but not the key can train to undo a protection. Training pits G against one (so that G makes
+    its share depend on the key), and `agent.adversaries.keyless` trains a fresh one to measure
+    what a real attacker gets."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.bound = config.epsilon + RECOVER_MARGIN
+        self.net = PerturbationNet(config.width, config.r_depth, 3, 1, config.norm)
+
+    def forward(self, adversarial: torch.Tensor) -> torch.Tensor:
+        return (adversarial - self.bound * torch.tanh(self.net(2 * adversarial - 1))).clamp(0, 1)
+
+
 def save_model(model: RGAN, path: Path, extra: dict | None = None) -> None:
     metadata = {
         "format": MODEL_FORMAT,

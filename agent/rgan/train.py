@@ -1,11 +1,14 @@
 """The joint training loop (paper §3.3, §4): G, DR, R and D learn together, one batch at a time.
 
-Each step does three updates on the same batch:
+Each step does three updates on the same batch (four for a keyed model with a key-less attacker):
 1. D learns to tell clean images from protected ones (L_D, eq. 14).
 2. G (with DR) minimises L_G = L_G_adv + λ1·L_G_dis + λ2·L_G_mse + γ·L_R_mse. The last term is
    the recoverability signal: R's error on the protected image is back-propagated *through R*
    into G, so G learns perturbations that R can undo (R's weights are not moved by this term).
 3. R minimises α·L_R_mse + β·L_R_adv on the protected batch (paper Table 2).
+4. The key-less attacker A minimises its recovery error L_A_mse without the key, while G's loss
+   above subtracts keyless_weight·L_A_mse: G is pushed to make what it adds depend on the key, so
+   that only R, which has the key, can undo it.
 The target classifiers C stay frozen throughout.
 """
 
@@ -28,7 +31,7 @@ from . import losses
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .keying import batch_patterns, random_keys
-from .model import RGAN, save_model
+from .model import RGAN, KeylessRecoverer, save_model
 from .nets import Discriminator
 from .transforms import downscale, jpeg, straight_through
 
@@ -43,6 +46,8 @@ class Trainer:
     model: RGAN
     discriminator: Discriminator
     targets: list[nn.Module]
+    # the key-less recoverer G trains against (only with keyless_weight > 0)
+    attacker: KeylessRecoverer | None
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, torch.optim.lr_scheduler.StepLR]
     epoch: int = 0
@@ -53,7 +58,10 @@ class Trainer:
         return torch.device(self.config.device)
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"rgan": self.model, "discriminator": self.discriminator}
+        modules = {"rgan": self.model, "discriminator": self.discriminator}
+        if self.attacker is not None:
+            modules["attacker"] = self.attacker
+        return modules
 
 
 def build_trainer(config: TrainConfig, targets: list[nn.Module]) -> Trainer:
@@ -69,12 +77,16 @@ def build_trainer(config: TrainConfig, targets: list[nn.Module]) -> Trainer:
         "recoverer": torch.optim.Adam(model.recoverer.parameters(), lr=config.lr),
         "discriminator": torch.optim.Adam(discriminator.parameters(), lr=config.lr * config.d_lr_scale),
     }
+    attacker = None
+    if config.keyless_weight:
+        attacker = KeylessRecoverer(config.model).to(device)
+        optimizers["attacker"] = torch.optim.Adam(attacker.parameters(), lr=config.lr)
     schedulers = {
         name: torch.optim.lr_scheduler.StepLR(opt, step_size=config.lr_step, gamma=config.lr_gamma)
         for name, opt in optimizers.items()
     }
     targets = [t.to(device).eval() for t in targets]
-    return Trainer(config, model, discriminator, targets, optimizers, schedulers)
+    return Trainer(config, model, discriminator, targets, attacker, optimizers, schedulers)
 
 
 def _autocast(trainer: Trainer):
@@ -139,6 +151,8 @@ def train_step(
         g_mse = losses.distortion(adversarial.float(), clean, eps)
         g_rec = losses.distortion(model.recover(adversarial, pattern).float(), clean, eps)
         loss_g = g_adv + config.lambda_dis * g_dis + config.lambda_mse * g_mse + config.recover_weight * g_rec
+        if trainer.attacker is not None:
+            loss_g = loss_g - config.keyless_weight * losses.distortion(trainer.attacker(adversarial).float(), clean, eps)
     _step(trainer.optimizers["generator"], loss_g)
 
     with _autocast(trainer):
@@ -155,6 +169,10 @@ def train_step(
 
     values = {"L_D": loss_d, "L_G_adv": g_adv, "L_G_dis": g_dis, "L_G_mse": g_mse,
               "L_R_mse": r_mse, "L_R_adv": r_adv}
+    if trainer.attacker is not None:
+        with _autocast(trainer):
+            values["L_A_mse"] = losses.distortion(trainer.attacker(received.detach()).float(), clean, eps)
+        _step(trainer.optimizers["attacker"], values["L_A_mse"])
     return {name: value.item() for name, value in values.items()}
 
 
