@@ -112,10 +112,10 @@ def keyless_figures(model, crops, steps: int) -> dict[str, float]:
     }
 
 
-def measure(model_path: Path, attacker_steps: int) -> dict:
+def measure(model_path: Path, attacker_steps: int, limit: int | None = None) -> dict:
     model, extra = load_model(model_path)
     classifier = load_classifier("imagenet-mobilenetv2")
-    val_full = load_photos("imagenet-val")
+    val_full = load_photos("imagenet-val").subset(limit)
     crops = centre_crops(val_full)
     results = {"model": str(model_path.relative_to(ROOT) if model_path.is_relative_to(ROOT) else model_path),
                "model_info": extra, "threads": torch.get_num_threads()}
@@ -124,7 +124,7 @@ def measure(model_path: Path, attacker_steps: int) -> dict:
     results["jpeg90"] = jpeg_figures(model, classifier, crops)
     options = ProtectOptions()
     results["full_imagenet_val"] = full_size_figures(model, classifier, val_full, options, seed=21)
-    results["full_bsds_test"] = full_size_figures(model, classifier, load_photos("bsds-test"), options, seed=22)
+    results["full_bsds_test"] = full_size_figures(model, classifier, load_photos("bsds-test").subset(limit), options, seed=22)
     if attacker_steps:
         results["keyless"] = keyless_figures(model, crops, attacker_steps)
     results["seconds"] = time.perf_counter() - started
@@ -194,12 +194,17 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     parser.add_argument("--attacker-steps", type=int, default=2000,
                         help="training steps of the key-less attacker (0 skips it)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N photos of each held-back set (a quick check; not for the report)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the saved JSON")
     args = parser.parse_args()
     if args.report_only:
         results = json.loads(RESULTS.read_text())
     else:
-        results = measure(args.model.resolve(), args.attacker_steps)
+        results = measure(args.model.resolve(), args.attacker_steps, args.limit)
+        if args.limit:
+            print(json.dumps(results, indent=2))
+            return
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(RESULTS) as tmp:
             tmp.write_text(json.dumps(results, indent=2))

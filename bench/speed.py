@@ -93,8 +93,8 @@ def pgd(classifier, clean: torch.Tensor, labels: torch.Tensor, epsilon: float) -
     return (x * 255).round() / 255
 
 
-def baseline_figures(model, classifier) -> dict[str, float]:
-    crops = centre_crops(load_photos("imagenet-val"))
+def baseline_figures(model, classifier, limit: int | None = None) -> dict[str, float]:
+    crops = centre_crops(load_photos("imagenet-val").subset(limit))
     clean = to_float(crops.images)
     with torch.no_grad():
         clean_pred = torch.cat([classifier(clean[i : i + BATCH]).argmax(1) for i in range(0, len(clean), BATCH)])
@@ -188,6 +188,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N validation crops (a quick check; nothing is saved)")
     args = parser.parse_args()
     model, _ = load_model(args.model)
     classifier = load_classifier("imagenet-mobilenetv2")
@@ -197,9 +199,12 @@ def main() -> None:
             else str(args.model),
             "threads": torch.get_num_threads(),
             "files": file_figures(model, Path(folder), args.repeats),
-            "baseline": baseline_figures(model, classifier),
+            "baseline": baseline_figures(model, classifier, args.limit),
             "gpu": gpu_figures(model),
         }
+    if args.limit:
+        print(json.dumps(results, indent=2))
+        return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(RESULTS) as tmp:
         tmp.write_text(json.dumps(results, indent=2))
