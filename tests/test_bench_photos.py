@@ -46,7 +46,10 @@ def test_speed_report_states_the_ratio_and_the_targets():
              "12MP 4000x3000": {"median_s": 1.7, "codec_median_s": 0.1, "runs": 5}}
     baseline = {"images": 200, "rgan_ms_per_image": 10.0, "pgd_ms_per_image": 2000.0, "speedup": 200.0,
                 "rgan_asr": 0.95, "pgd_asr": 1.0, "rgan_psnr": 33.0, "pgd_psnr": 33.5}
-    text = speed.report({"model": "m", "threads": 2, "files": files, "baseline": baseline, "gpu": None})
+    memory = {"megapixels": 24.0, "peak_rss_gib": 1.2, "seconds": 20.0}
+    text = speed.report({"model": "m", "threads": 2, "files": files, "baseline": baseline, "gpu": None,
+                         "memory": memory})
+    assert "1.20 GiB (target ≤ 2 GB: met)" in text
     assert "200× faster" in text and "No GPU" in text
     assert "≤ 1.0 s: met" in text and "≤ 1.5 s: **missed**" in text
 
