@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .rgan.config import PHOTO_CONFIG, ModelConfig, ReducerConfig, TrainConfig
@@ -18,7 +22,8 @@ err_console = Console(stderr=True)
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}")
+    # escaped (a path may hold [brackets]) and never wrapped: one error, one line
+    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -159,6 +164,468 @@ def evaluate(
         console.print_json(json.dumps(figures))
     else:
         print_metrics(str(model), figures)
+
+
+# ---------------------------------------------------------------- the everyday commands
+#
+# State lives in $AGENT_HOME (default: the platform's data directory, see keys.agent_home). Exit
+# codes: 0 done; 2 bad input of any kind (a missing or unreadable file, a wrong passphrase, an
+# unknown user, an unwritable output, a locked log, another agent process), with a one-line
+# error; 1 `agent log verify` found the log tampered with.
+
+USER_OPTION_HELP = "whose keys [default: `default`, or the only user]"
+PASSPHRASE_FILE_HELP = "read the passphrase from this file [default: $AGENT_PASSPHRASE, else ask in a terminal]"
+JSON_HELP = "print JSON instead of a table"
+
+
+def _home() -> Path:
+    from .keys import agent_home
+
+    return agent_home()
+
+
+def _call(function, *args, **kwargs):
+    """Runs one service function; an error the user can act on becomes a one-line message and exit 2."""
+    from .service import USER_ERRORS
+
+    try:
+        return function(*args, **kwargs)
+    except USER_ERRORS as error:
+        fail(str(error))
+
+
+def _ask(what: str, confirm: bool, hint: str) -> str:
+    if not sys.stdin.isatty():
+        fail(f"no {what}: {hint} (there is no terminal to ask in)")
+    value = typer.prompt(what[0].upper() + what[1:], hide_input=True, confirmation_prompt=confirm)
+    if not value:
+        fail(f"the {what} must not be empty")
+    return value
+
+
+def _passphrase(passphrase_file: Optional[Path], what: str = "passphrase", *, confirm: bool = False) -> str:
+    """--passphrase-file, else $AGENT_PASSPHRASE, else a prompt when stdin is a terminal."""
+    value = _call(_passphrase_from_env_or_file, passphrase_file)
+    if value:
+        return value
+    if passphrase_file is not None:
+        fail(f"the passphrase file {passphrase_file} is empty")
+    return _ask(what, confirm, "set AGENT_PASSPHRASE or pass --passphrase-file FILE")
+
+
+def _passphrase_from_env_or_file(passphrase_file: Optional[Path]) -> Optional[str]:
+    from .keys import passphrase_from_env_or_file
+
+    return passphrase_from_env_or_file(passphrase_file)
+
+
+def _other_secret(path: Optional[Path], what: str, option: str) -> str:
+    """A second secret (a new or a backup passphrase): from its own file option, else asked twice."""
+    if path is not None:
+        from .keys import passphrase_from_env_or_file
+
+        value = _call(passphrase_from_env_or_file, path)
+        if not value:
+            fail(f"the {what} file {path} is empty")
+        return value
+    return _ask(what, True, f"pass {option} FILE")
+
+
+def _echo_json(value) -> None:
+    typer.echo(json.dumps(value, indent=2))
+
+
+@contextlib.contextmanager
+def _progress(description: str):
+    """A progress bar over the files of a batch, on stderr and only in a terminal."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err_console, disable=not err_console.is_terminal) as bar:
+        task = bar.add_task(description, total=None)
+
+        def on_progress(done: int, total: int, result) -> None:
+            bar.update(task, completed=done, total=total,
+                       description=f"{description} {result.source.name}" if result is not None else description)
+
+        yield on_progress
+
+
+def _print_errors(results) -> int:
+    failed = [r for r in results if not r.ok]
+    for result in failed:
+        err_console.print(f"[red]error:[/red] {escape(result.error)}", soft_wrap=True)
+    return len(failed)
+
+
+def _size(size) -> str:
+    return "" if size is None else f"{size[0]}×{size[1]}"
+
+
+@app.command()
+def init(
+    user: str = typer.Option("default", "--user", "-u", help="name of the first user"),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
+) -> None:
+    """Create the first user's keys and the provenance log in $AGENT_HOME.
+
+    The keys (a 256-bit RGAN key, an Ed25519 signing key, a data key) are encrypted under the
+    passphrase."""
+    from . import service
+
+    passphrase = _passphrase(passphrase_file, f"new passphrase for user {user!r}", confirm=True)
+    info = _call(service.init_user, _home(), user, passphrase)
+    console.print(f"created user [bold]{escape(info['user'])}[/bold] (key {info['active_key_id']}) in "
+                  f"{escape(info['home'])}", soft_wrap=True)
+    console.print("back the keys up now: `agent keys export FILE` (without them protected photos cannot "
+                  "be recovered)", soft_wrap=True)
+
+
+# ---- users
+
+users_app = typer.Typer(help="Several users on one machine, each with their own keys and log chain.",
+                        no_args_is_help=True)
+app.add_typer(users_app, name="users")
+
+
+@users_app.command("list")
+def users_list(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """The users with keys here, their active key and how many protections the log holds."""
+    from . import service
+
+    users = _call(service.list_users, _home())
+    if as_json:
+        _echo_json(users)
+        return
+    if not users:
+        console.print("no users yet: run `agent init`")
+        return
+    table = Table(title=f"users in {_home()}")
+    for column in ("user", "active key", "keys", "created", "records"):
+        table.add_column(column)
+    for u in users:
+        table.add_row(u["user"], u["active_key_id"], str(u["keys"]), u["created"], str(u["records"]))
+    console.print(table)
+
+
+@users_app.command("add")
+def users_add(
+    name: str = typer.Argument(..., help="1-32 lowercase letters, digits, '-' or '_'"),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
+) -> None:
+    """Add a user with fresh keys."""
+    from . import service
+
+    passphrase = _passphrase(passphrase_file, f"new passphrase for user {name!r}", confirm=True)
+    info = _call(service.add_user, _home(), name, passphrase)
+    console.print(f"added user [bold]{escape(info['user'])}[/bold] (key {info['active_key_id']})")
+
+
+@users_app.command("remove")
+def users_remove(
+    name: str = typer.Argument(...),
+    yes: bool = typer.Option(False, "--yes", help="do not ask for confirmation"),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
+) -> None:
+    """Delete a user's keys.
+
+    What they protected can then no longer be recovered (export a backup first). Their records
+    stay in the log."""
+    from . import service
+
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"removing user {name!r} deletes their keys; pass --yes to confirm")
+        typer.confirm(f"Delete the keys of user {name!r}? Photos they protected cannot be recovered without "
+                      "a backup", abort=True)
+    passphrase = _passphrase(passphrase_file, f"passphrase of user {name!r}")
+    _call(service.remove_user, _home(), name, passphrase)
+    console.print(f"removed the keys of user {escape(name)}")
+
+
+# ---- keys
+
+keys_app = typer.Typer(help="A user's keys: show, back up, restore, rotate, change the passphrase.",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("show")
+def keys_show(
+    user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """The public parts: key ids and dates, the signing public key (no passphrase needed)."""
+    from . import service
+
+    info = _call(service.show_keys, _home(), user)
+    if as_json:
+        _echo_json(info)
+        return
+    table = Table(title=f"keys of {info['user']} ({info['records']} records)")
+    table.add_column("RGAN key id")
+    table.add_column("created")
+    table.add_column("")
+    for key in info["rgan_keys"]:
+        table.add_row(key["id"], key["created"], "active" if key["id"] == info["active_key_id"] else "")
+    console.print(table)
+    console.print(f"signing public key (Ed25519): {info['signing_public_key']}", soft_wrap=True)
+    console.print(f"key file: {escape(info['file'])} (scrypt n={info['kdf']['n']})", soft_wrap=True)
+
+
+@keys_app.command("export")
+def keys_export(
+    dst: Path = typer.Argument(..., help="the backup file to write (never overwritten)"),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
+    backup_passphrase_file: Optional[Path] = typer.Option(None, "--backup-passphrase-file",
+                                                          help="the backup's passphrase [default: ask]"),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
+) -> None:
+    """Write an encrypted backup of a user's keys, under a passphrase of its own."""
+    from . import service
+
+    passphrase = _passphrase(passphrase_file)
+    backup = _other_secret(backup_passphrase_file, "backup passphrase", "--backup-passphrase-file")
+    info = _call(service.export_keys, _home(), user, passphrase, dst, backup)
+    console.print(f"wrote the keys of {escape(info['user'])} to {escape(str(dst))}", soft_wrap=True)
+
+
+@keys_app.command("import")
+def keys_import(
+    src: Path = typer.Argument(..., help="a backup written by `agent keys export`"),
+    as_user: Optional[str] = typer.Option(None, "--as", help="import under this user name [default: the backup's]"),
+    replace: bool = typer.Option(False, "--replace", help="replace the keys of an existing user of that name"),
+    backup_passphrase_file: Optional[Path] = typer.Option(None, "--backup-passphrase-file",
+                                                          help="the backup's passphrase [default: ask]"),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file",
+                                                   help="read the passphrase the keys get here from this file "
+                                                   "[default: $AGENT_PASSPHRASE, else ask in a terminal]"),
+) -> None:
+    """Restore a backup into this machine's key store."""
+    from . import service
+
+    backup = _other_secret(backup_passphrase_file, "backup passphrase", "--backup-passphrase-file")
+    passphrase = _passphrase(passphrase_file, "new passphrase for the imported keys", confirm=True)
+    info = _call(service.import_keys, _home(), src, backup, passphrase, as_user, replace=replace)
+    console.print(f"imported user [bold]{escape(info['user'])}[/bold] ({len(info['rgan_keys'])} RGAN keys)")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
+) -> None:
+    """Make a fresh RGAN key the active one; older keys stay, so older photos still recover."""
+    from . import service
+
+    passphrase = _passphrase(passphrase_file)
+    info = _call(service.rotate_key, _home(), user, passphrase)
+    console.print(f"user {escape(info['user'])}: new active key {info['active_key_id']} "
+                  f"({len(info['rgan_keys'])} keys kept)")
+
+
+@keys_app.command("change-passphrase")
+def keys_change_passphrase(
+    user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
+    new_passphrase_file: Optional[Path] = typer.Option(None, "--new-passphrase-file",
+                                                       help="read the new passphrase from this file [default: ask]"),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
+) -> None:
+    """Re-encrypt a user's keys under a new passphrase."""
+    from . import service
+
+    old = _passphrase(passphrase_file, "current passphrase")
+    new = _other_secret(new_passphrase_file, "new passphrase", "--new-passphrase-file")
+    info = _call(service.change_passphrase, _home(), user, old, new)
+    console.print(f"changed the passphrase of user {escape(info['user'])}")
+
+
+# ---- protect, recover, check
+
+@app.command()
+def protect(
+    paths: list[Path] = typer.Argument(..., help="photos (.jpg .jpeg .png .webp .heic) and folders, searched "
+                                       "recursively", show_default=False),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="folder for the outputs [default: beside each photo]"),
+    max_side: int = typer.Option(2048, "--max-side", min=0, help="longest side of the working resolution; larger "
+                                 "photos are downscaled first (0: keep the full size)"),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing outputs (an original never is)"),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Protect photos and folders of photos, logging a signed record of each.
+
+    Writes <name>.protected.<ext> in the same format (EXIF orientation applied, GPS and serial
+    numbers removed, capture date and colour profile kept). Exits 2 if any file failed; the
+    others are still done."""
+    from . import service
+    from .pipeline import ProtectOptions
+
+    try:
+        options = ProtectOptions(max_side=max_side or None)
+    except ValueError as error:
+        fail(f"--max-side: {error}")
+    passphrase = _passphrase(passphrase_file)
+    with _progress("protecting") as on_progress:
+        results = _call(service.protect_paths, _home(), user, passphrase, paths, out, options,
+                        overwrite=overwrite, on_progress=on_progress)
+    if as_json:
+        _echo_json([r.to_dict() for r in results])
+    elif any(r.ok for r in results):
+        table = Table(title="protected")
+        for column in ("photo", "output", "size", "PSNR dB", "record"):
+            table.add_column(column, overflow="fold")
+        for r in results:
+            if r.ok:
+                table.add_row(str(r.source), str(r.output), _size(r.working_size), f"{r.psnr:.1f}", r.record_id[:12])
+        console.print(table)
+    if _print_errors(results):
+        raise typer.Exit(2)
+
+
+@app.command()
+def recover(
+    images: list[Path] = typer.Argument(..., help="protected photos (or folders of them)", show_default=False),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="folder for the outputs [default: beside each photo]"),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help="only this user's records; for a photo with no "
+                                       "record, try this user's active key anyway"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing outputs"),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Recover protected photos into <name>.recovered.png.
+
+    Finds each one's record (exact hash, else perceptual hash, so a platform's recompressed copy
+    is found too) and uses the key of the user who protected it."""
+    from . import service
+
+    passphrase = _passphrase(passphrase_file)
+    with _progress("recovering") as on_progress:
+        results = _call(service.recover_paths, _home(), images, out, passphrase, user, overwrite=overwrite,
+                        on_progress=on_progress)
+    if as_json:
+        _echo_json([r.to_dict() for r in results])
+    elif any(r.ok for r in results):
+        table = Table(title="recovered")
+        for column in ("photo", "output", "user", "found by", "record"):
+            table.add_column(column, overflow="fold")
+        for r in results:
+            if r.ok:
+                table.add_row(str(r.source), str(r.output), r.user, r.matched_by, (r.record_id or "")[:12])
+        console.print(table)
+        for r in results:
+            if r.ok and r.note:
+                console.print(f"note: {escape(r.source.name)}: {escape(r.note)}", soft_wrap=True)
+    if _print_errors(results):
+        raise typer.Exit(2)
+
+
+@app.command()
+def check(
+    image: Path = typer.Argument(...),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Is this photo protected, by whom and when (from the log)?"""
+    from . import service
+
+    result = _call(service.check_image, _home(), image)
+    if as_json:
+        _echo_json(result.to_dict())
+        return
+    record = result.record or result.original_of
+    if result.protected:
+        how = "exactly" if result.matched_by == "sha256" else f"as a look-alike ({result.distance} bits)"
+        console.print(f"[green]protected[/green] by user [bold]{escape(record.user)}[/bold] on {record.time} "
+                      f"(record {record.id}, #{record.seq}, found {how})", soft_wrap=True)
+    elif record is not None:
+        console.print(f"[yellow]not protected[/yellow]: the original of record {record.id} (user "
+                      f"{escape(record.user)}, {record.time})", soft_wrap=True)
+    else:
+        console.print("[yellow]not protected[/yellow]: no record of this photo in the log")
+    if result.authentic is not None:
+        console.print("the record verifies" if result.authentic else "[red]the record does not verify[/red]")
+    for note in result.notes:
+        console.print(f"note: {escape(note)}", soft_wrap=True)
+
+
+# ---- the log
+
+log_app = typer.Typer(help="The provenance log: `agent log` lists, `agent log verify` checks the chains.",
+                      invoke_without_command=True)
+app.add_typer(log_app, name="log")
+
+
+def _since(text: Optional[str]) -> Optional[datetime]:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        fail(f"--since {text!r} is not an ISO date or time (e.g. 2025-01-31 or 2025-01-31T18:00Z)")
+    return moment if moment.tzinfo is not None else moment.astimezone()  # local time when none is given
+
+
+@log_app.callback()
+def log(
+    ctx: typer.Context,
+    since: Optional[str] = typer.Option(None, "--since", help="only records at or after this ISO date/time "
+                                        "(local time unless it says otherwise)"),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help="only this user's records"),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help="to show the file names: read "
+                                                   "the passphrase from this file [default: $AGENT_PASSPHRASE]"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """List the protections in the log.
+
+    File names are shown when the passphrase is given by --passphrase-file or $AGENT_PASSPHRASE."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from . import service
+
+    moment = _since(since)
+    passphrase = _call(_passphrase_from_env_or_file, passphrase_file)
+    listing = _call(service.log_records, _home(), passphrase, user=user, since=moment)
+    if as_json:
+        _echo_json(listing.to_dict())
+        return
+    table = Table(title=f"{len(listing.records)} protections")
+    for column in ("time", "user", "#", "file", "size", "PSNR dB", "record"):
+        table.add_column(column, overflow="fold")
+    for r in listing.records:
+        name = r.file_name if r.decrypted else "(encrypted)"
+        table.add_row(r.time[:19].replace("T", " "), r.user, str(r.seq), name or "", _size(r.working_size),
+                      "" if r.psnr is None else f"{r.psnr:.1f}", r.id[:12])
+    console.print(table)
+    if listing.locked:
+        console.print(f"file names of {', '.join(listing.locked)} stay encrypted: give their passphrase with "
+                      "--passphrase-file or AGENT_PASSPHRASE", soft_wrap=True)
+    for record_id in listing.undecryptable:
+        err_console.print(f"[red]warning:[/red] record {record_id}: the file name does not decrypt; "
+                          "run `agent log verify`", soft_wrap=True)
+
+
+@log_app.command("verify")
+def log_verify(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Check every record's hash and signature and every chain link.
+
+    Names each altered, inserted or removed record and exits 1 if there is any."""
+    from . import service
+
+    report = _call(service.verify_log, _home())
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        for line in str(report).splitlines():
+            console.print(escape(line), soft_wrap=True, style=None if report.ok else "red")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

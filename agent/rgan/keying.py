@@ -14,8 +14,8 @@ expansion needs a new `PATTERN_VERSION`, recorded with the model.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
+
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -23,6 +23,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 KEY_BYTES = 32
 PATTERN_VERSION = 1
 PATTERN_CHANNELS = 3
+if TYPE_CHECKING:
+    import torch
+
 _HKDF_INFO = b"rgan-agent key pattern v1"
 _NONCE = bytes(16)  # cryptography's ChaCha20 nonce: 4-byte counter + 12-byte nonce, all zero
 
@@ -43,6 +46,10 @@ def key_pattern(key: bytes, height: int, width: int) -> torch.Tensor:
     """(3, height, width) int8 of ±1, row-major per channel, bit i of the stream → value i.
     int8 because a 24-megapixel photo's pattern would take 290 MB as float32; the model converts
     what it uses to its own dtype."""
+    # numpy and torch are imported here so that the key store can use this module at start-up
+    import numpy as np
+    import torch
+
     if height < 1 or width < 1:
         raise ValueError(f"pattern size must be positive, got {height}x{width}")
     count = PATTERN_CHANNELS * height * width
@@ -54,9 +61,13 @@ def key_pattern(key: bytes, height: int, width: int) -> torch.Tensor:
 def random_keys(count: int, generator: torch.Generator | None = None) -> list[bytes]:
     """Training keys: drawn from a seeded generator so that runs are reproducible (real user keys
     come from `os.urandom` in the key store, never from here)."""
+    import torch
+
     draws = torch.randint(0, 256, (count, KEY_BYTES), dtype=torch.uint8, generator=generator)
     return [bytes(row.tolist()) for row in draws]
 
 
 def batch_patterns(keys: list[bytes], height: int, width: int) -> torch.Tensor:
+    import torch
+
     return torch.stack([key_pattern(key, height, width) for key in keys])

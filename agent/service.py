@@ -1,0 +1,1082 @@
+"""The agent's service layer: what a person does every day (users, keys, protect, recover, the log),
+on top of the pipeline, the key store and the provenance log. The CLI is a thin shell over it: each
+command calls one function here, and tests call them directly.
+
+Every function takes the agent's state directory `home` explicitly (the CLI passes
+`keys.agent_home()`, i.e. `$AGENT_HOME` or the platform's data directory). It holds:
+
+    keys/<user>.key         the key store (agent/keys.py, keys/README.md)
+    provenance.sqlite3      the signed provenance log (agent/provenance.py)
+    agent.lock              the lock a writing agent process holds (see `home_lock`)
+
+Errors a person can act on are `ServiceError`, `keys.KeyStoreError` or
+`provenance.ProvenanceError` (all in `USER_ERRORS`), each with a one-line message that names the
+file or user and says what to do. The batch functions (`protect_paths`, `recover_paths`) do not
+stop at a bad file: each file gets a result, with its error if it failed.
+
+Formats: JPEG, PNG, WebP and (with pillow-heif) HEIC/HEIF in; the same format out. Protected
+outputs are `<stem>.protected<suffix>`, recovered ones `<stem>.recovered.png` (lossless, so
+nothing recovery gave back is lost again). Outputs are written atomically (temporary file, fsync,
+rename): a failed or interrupted file leaves no partial output, and an original is never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import math
+import os
+import struct
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy import func, select
+
+from . import keys as keystore
+from . import pipeline
+from . import provenance as prov
+from .atomic import atomic_path
+from .keys import KeyStoreError, UserKeys
+from .pipeline import DEFAULT_MODEL_PATH, ProtectInfo, ProtectOptions
+from .provenance import DatabaseLockedError, ProvenanceError
+
+try:  # HEIC/HEIF (iPhone photos) through pillow-heif; without it those files get a clear error
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    HEIF_SUPPORTED = True
+except ImportError:  # pragma: no cover - pillow-heif is a dependency
+    HEIF_SUPPORTED = False
+
+DEFAULT_USER = "default"
+LOCK_NAME = "agent.lock"
+# how long a writing process tries to take the home's lock before saying another one holds it
+LOCK_WAIT = 1.0
+# how long a write waits for SQLite's own lock (held by something other than an agent process,
+# e.g. a `sqlite3` shell) before giving up with a DatabaseLockedError
+DB_TIMEOUT = 10.0
+DEFAULT_MODEL_NAME = DEFAULT_MODEL_PATH.name
+
+# Pillow's format name -> the suffixes it is written with (the first is used when the input's
+# suffix does not say the format it holds)
+FORMAT_SUFFIXES = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",), "HEIF": (".heic", ".heif")}
+IMAGE_SUFFIXES = frozenset(s for suffixes in FORMAT_SUFFIXES.values() for s in suffixes)
+PROTECTED_TAG = ".protected"
+RECOVERED_TAG = ".recovered"
+MIN_JPEG_QUALITY = 90
+LOSSY_QUALITY = 95  # WebP and HEIC: their encoders' quality cannot be read back from a file
+
+# EXIF: what goes. GPS (the whole GPS IFD) and what identifies the device or its owner; the
+# maker note is a vendor blob that typically holds the body's serial number too. The EXIF
+# thumbnail (IFD1) is never written: it would show the unprotected picture.
+_EXIF_IFD, _GPS_IFD, _INTEROP_IFD = 0x8769, 0x8825, 0xA005
+_ORIENTATION = 0x0112
+_PIXEL_X, _PIXEL_Y = 0xA002, 0xA003
+_DATE_TAGS = (0x0132, 0x9003, 0x9004, 0x9010, 0x9011, 0x9012)  # DateTime, ...Original, ...Digitized, offsets
+_REMOVED_TAGS = {
+    0xA430: "CameraOwnerName",
+    0xA431: "BodySerialNumber",
+    0xA435: "LensSerialNumber",
+    0xC62F: "CameraSerialNumber",
+    0x927C: "MakerNote",
+}
+
+# the IJG (libjpeg) base quantization tables in natural order (JPEG standard, Annex K)
+_STD_LUMA = np.array([
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+    14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99])
+_STD_CHROMA = np.full(64, 99)
+_STD_CHROMA[[0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 24, 25]] = [17, 18, 24, 47, 18, 21, 26, 66, 24, 26, 56, 47, 66]
+
+
+class ServiceError(Exception):
+    """A problem the user can act on; the message is one line that says what and what to do."""
+
+
+class AgentBusyError(ServiceError):
+    """Another agent process is writing to the same home."""
+
+
+USER_ERRORS = (ServiceError, KeyStoreError, ProvenanceError)
+
+
+# ---------------------------------------------------------------- the home, its lock, the log
+
+@contextlib.contextmanager
+def home_lock(home: Path, wait: float | None = None) -> Iterator[None]:
+    """Held by every process that writes to `home` (keys, log, users), for as long as it writes.
+
+    A second process gets an `AgentBusyError` after a short wait (`LOCK_WAIT`) rather than queueing
+    behind a batch that may take minutes. POSIX only (`fcntl.flock`, released by the kernel when the
+    process ends, even killed). Elsewhere (Windows) there is no such lock: SQLite's own locking
+    still serialises appends to the log (a writer waits up to `DB_TIMEOUT`, then gets a
+    `DatabaseLockedError`), and every key file and output is replaced atomically, so what is lost
+    is only the early, clear message, not data.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    home = Path(home)
+    path = home / LOCK_NAME
+    try:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as error:
+        raise ServiceError(f"cannot open the lock file {path}: {error.strerror}") from None
+    try:
+        deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                    who = f" (process {holder})" if holder.isdigit() else ""
+                    raise AgentBusyError(f"another agent process{who} is writing to {home}; wait for it to "
+                                         f"finish and try again (lock file {path})") from None
+                time.sleep(0.05)
+            except OSError as error:  # e.g. ENOLCK on a network file system without locks
+                raise ServiceError(f"cannot lock {path}: {error.strerror}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _database(home: Path, *, create: bool = False) -> Iterator[Any]:
+    """The log's session factory, disposed of afterwards. Reading functions refuse a home without
+    a log (`create=False`) instead of creating an empty one."""
+    path = prov.database_path(home)
+    if not create and not path.exists():
+        raise ServiceError(f"no provenance log in {home}: run `agent init` first")
+    factory = prov.open_database(path, timeout=DB_TIMEOUT)
+    try:
+        yield factory
+    finally:
+        factory.kw["bind"].dispose()
+
+
+def _store(home: Path) -> Path:
+    return keystore.key_store(Path(home))
+
+
+def resolve_user(home: Path, user: str | None = None) -> str:
+    """`user` if it has a key file here; without one: `default` if it exists, else the only user."""
+    users = keystore.list_users(_store(home))
+    if user is not None:
+        keystore.check_user(user)
+        if user not in users:
+            known = f"users here: {', '.join(users)}" if users else "there are no users yet"
+            raise ServiceError(f"unknown user {user!r} ({known}); create it with `agent users add {user}`")
+        return user
+    if not users:
+        raise ServiceError(f"no user in {home}: run `agent init` first")
+    if DEFAULT_USER in users:
+        return DEFAULT_USER
+    if len(users) == 1:
+        return users[0]
+    raise ServiceError(f"there are several users ({', '.join(users)}): say which with --user")
+
+
+def _default_model_sha256() -> str:
+    if not DEFAULT_MODEL_PATH.is_file():
+        raise ServiceError(f"the default photo model {DEFAULT_MODEL_PATH} is not installed; reinstall the agent")
+    return prov.file_sha256(DEFAULT_MODEL_PATH)
+
+
+def _register_default_model(session) -> prov.ModelRow:
+    return prov.register_model(session, DEFAULT_MODEL_NAME, _default_model_sha256())
+
+
+def _record_counts(home: Path) -> dict[str, int]:
+    if not prov.database_path(home).exists():
+        return {}
+    with _database(home) as factory, factory() as session:
+        rows = session.execute(select(prov.UserRow.name, func.count(prov.ProtectionRow.id))
+                               .join(prov.ProtectionRow, isouter=True).group_by(prov.UserRow.name))
+        return {name: count for name, count in rows}
+
+
+# ---------------------------------------------------------------- users and keys
+
+def init_user(home: Path, user: str = DEFAULT_USER, passphrase: str = "", *, kdf_n: int | None = None) -> dict:
+    """Creates `user` (key file under `home/keys`, users and keys rows in the log) and registers the
+    shipped default model in the models table. `kdf_n`: scrypt cost, `keys.KDF_N` (2**17) unless
+    given (tests use 2**14). Refuses an existing user."""
+    home = Path(home)
+    store = _store(home)
+    sha = _default_model_sha256()
+    with home_lock(home):
+        created = keystore.create_user(store, user, passphrase, kdf_n=keystore.KDF_N if kdf_n is None else kdf_n)
+        try:
+            with _database(home, create=True) as factory, factory.begin() as session:
+                prov.register_user(session, created)
+                prov.register_model(session, DEFAULT_MODEL_NAME, sha)
+        except BaseException:
+            # the key file was made by this call and nothing was protected with it yet
+            keystore.remove_user(store, user)
+            raise
+    return {**keystore.public_info(store, user), "home": str(home),
+            "database": str(prov.database_path(home))}
+
+
+def add_user(home: Path, user: str, passphrase: str, *, kdf_n: int | None = None) -> dict:
+    """Another user on this machine: its own keys and its own chain in the log."""
+    return init_user(home, user, passphrase, kdf_n=kdf_n)
+
+
+def remove_user(home: Path, user: str, passphrase: str) -> dict:
+    """Deletes the user's key file (after checking the passphrase): images protected with its keys
+    can no longer be recovered, unless a backup (`export_keys`) is imported again. The user's
+    records stay in the log and still verify (against the public key the log holds)."""
+    user = resolve_user(home, user)
+    store = _store(home)
+    keystore.unlock(store, user, passphrase)
+    with home_lock(home):
+        info = keystore.public_info(store, user)
+        keystore.remove_user(store, user)
+    return info
+
+
+def list_users(home: Path) -> list[dict]:
+    """Every user with a key file: key ids, the active one, and how many records the log holds."""
+    store = _store(home)
+    counts = _record_counts(home)
+    out = []
+    for user in keystore.list_users(store):
+        info = keystore.public_info(store, user)
+        out.append({"user": user, "active_key_id": info["active_key_id"], "keys": len(info["rgan_keys"]),
+                    "created": info["rgan_keys"][0]["created"], "records": counts.get(user, 0),
+                    "file": info["file"]})
+    return out
+
+
+def show_keys(home: Path, user: str | None = None) -> dict:
+    """The public parts of a user's keys (no passphrase needed)."""
+    user = resolve_user(home, user)
+    return {**keystore.public_info(_store(home), user), "records": _record_counts(home).get(user, 0)}
+
+
+def export_keys(home: Path, user: str | None, passphrase: str, dst: Path, backup_passphrase: str) -> dict:
+    """An encrypted backup of the user's keys in `dst` under `backup_passphrase`; never overwrites."""
+    user = resolve_user(home, user)
+    keystore.export_backup(_store(home), user, passphrase, Path(dst), backup_passphrase)
+    return {"user": user, "backup": str(dst)}
+
+
+def import_keys(home: Path, src: Path, backup_passphrase: str, passphrase: str, user: str | None = None,
+                *, replace: bool = False) -> dict:
+    """Restores a backup as its own user (or as `user`) under `passphrase`, and registers it in the
+    log. A user the log knows with another signing key is refused and the store left as it was."""
+    home = Path(home)
+    store = _store(home)
+    with home_lock(home):
+        names_before = set(keystore.list_users(store))
+        saved: dict[str, bytes] = {name: (store / f"{name}.key").read_bytes() for name in names_before} \
+            if replace else {}
+        imported = keystore.import_backup(store, Path(src), backup_passphrase, passphrase, user, replace=replace)
+        try:
+            with _database(home, create=True) as factory, factory.begin() as session:
+                prov.register_user(session, imported)
+                _register_default_model(session)
+        except BaseException:
+            path = store / f"{imported.user}.key"
+            if imported.user in saved:
+                keystore._write_private(path, saved[imported.user], replace=True)
+            elif imported.user not in names_before:
+                path.unlink(missing_ok=True)
+            raise
+    return keystore.public_info(store, imported.user)
+
+
+def rotate_key(home: Path, user: str | None, passphrase: str) -> dict:
+    """A fresh active RGAN key; the older ones stay, so older images still recover."""
+    home = Path(home)
+    user = resolve_user(home, user)
+    with home_lock(home):
+        rotated = keystore.rotate(_store(home), user, passphrase)
+        with _database(home, create=True) as factory, factory.begin() as session:
+            prov.register_user(session, rotated)
+    return keystore.public_info(_store(home), user)
+
+
+def change_passphrase(home: Path, user: str | None, old: str, new: str) -> dict:
+    home = Path(home)
+    user = resolve_user(home, user)
+    with home_lock(home):
+        keystore.change_passphrase(_store(home), user, old, new)
+    return {"user": user}
+
+
+def _unlock(home: Path, user: str, passphrase: str) -> UserKeys:
+    if not isinstance(passphrase, str) or not passphrase:
+        raise ServiceError("no passphrase given")
+    return keystore.unlock(_store(home), user, passphrase)
+
+
+# ---------------------------------------------------------------- the files of a batch
+
+@dataclass(frozen=True)
+class _Job:
+    source: Path
+    output: Path | None
+    error: str | None = None
+
+
+def _walk(root: Path, skip: tuple[str, ...]) -> list[Path]:
+    """Image files under `root`, recursively, in a stable order; hidden files and folders and
+    files whose stem ends with a tag in `skip` are left out (so a second run does not protect the
+    first run's outputs)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES \
+                    and not path.stem.lower().endswith(skip):
+                found.append(path)
+    return found
+
+
+def _plan(paths: Iterable[Path], out_dir: Path | None, name_of: Callable[[Path], str],
+          skip: tuple[str, ...]) -> list[_Job]:
+    """One job per file: explicit files as given, folders expanded; the output beside the input,
+    or in `out_dir` (keeping a folder's sub-folders, so equal names cannot collide)."""
+    jobs: list[_Job] = []
+    for given in paths:
+        given = Path(given)
+        if given.is_dir():
+            files = _walk(given, skip)
+            if not files:
+                jobs.append(_Job(given, None, f"{given}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+                                 "in this folder"))
+            for path in files:
+                where = path.parent if out_dir is None else Path(out_dir) / path.parent.relative_to(given)
+                jobs.append(_Job(path, where / name_of(path)))
+        elif given.exists():
+            where = given.parent if out_dir is None else Path(out_dir)
+            jobs.append(_Job(given, where / name_of(given)))
+        else:
+            jobs.append(_Job(given, None, f"{given}: no such file or folder"))
+    # an output must never be one of the batch's inputs, nor the output of another input
+    inputs = {_key(job.source) for job in jobs}
+    taken: dict[str, Path] = {}
+    checked = []
+    for job in jobs:
+        if job.error is None:
+            key = _key(job.output)
+            if key in inputs:
+                job = dataclasses.replace(job, error=f"{job.source}: its output {job.output} is one of the "
+                                          "inputs; an original is never overwritten")
+            elif key in taken:
+                job = dataclasses.replace(job, error=f"{job.source}: its output {job.output} would also be "
+                                          f"the output of {taken[key]}; write them into different folders (-o)")
+            else:
+                taken[key] = job.source
+        checked.append(job)
+    return checked
+
+
+def _key(path: Path) -> str:
+    return os.path.normcase(os.path.abspath(path))
+
+
+def _write_output(dst: Path, data: bytes, overwrite: bool) -> None:
+    """Atomically; without `overwrite`, refuses a file that appeared meanwhile."""
+    try:
+        with atomic_path(dst) as tmp:
+            tmp.write_bytes(data)
+            if not overwrite and dst.exists():
+                raise ServiceError(f"{dst} already exists; pass --overwrite to replace it")
+    except OSError as error:
+        hint = " (is the folder read-only?)" if isinstance(error, PermissionError) else ""
+        raise ServiceError(f"cannot write {dst}: {error.strerror or error}{hint}") from None
+
+
+def _check_output(src: Path, dst: Path, overwrite: bool) -> None:
+    if dst.exists():
+        if os.path.samefile(src, dst):
+            raise ServiceError(f"{src}: the output would be the input itself; an original is never overwritten")
+        if not overwrite:
+            raise ServiceError(f"{dst} already exists; pass --overwrite to replace it")
+    parent = dst.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ServiceError(f"cannot write {dst}: {parent} is not a folder")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ServiceError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ServiceError(f"{path} is a folder, not an image") from None
+    except OSError as error:
+        raise ServiceError(f"cannot read {path}: {error.strerror}") from None
+
+
+# ---------------------------------------------------------------- reading and writing images
+
+@dataclass(frozen=True)
+class _Source:
+    """What the output keeps from the original file."""
+
+    format: str
+    exif: Image.Exif | None
+    icc: bytes | None
+    quality: int | None  # JPEG: estimated from its quantization tables
+    lossless: bool  # WebP: lossless (VP8L) rather than lossy
+
+
+def _inspect(path: Path, data: bytes) -> _Source:
+    """Format, metadata and quality of an image file; a ServiceError for anything not a still image
+    in a supported format."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                fmt = image.format
+                if fmt == "MPO":  # a JPEG with extra pictures (stereo, depth): the first is the photo
+                    fmt = "JPEG"
+                if fmt not in FORMAT_SUFFIXES or (fmt == "HEIF" and not HEIF_SUPPORTED):
+                    raise ServiceError(f"{path}: {fmt or 'this'} images are not supported "
+                                       "(JPEG, PNG, WebP and HEIC are)")
+                if image.width * image.height > pipeline.MAX_PIXELS:
+                    raise ServiceError(f"{path} has {image.width}×{image.height} pixels; at most "
+                                       f"{pipeline.MAX_PIXELS:,} are accepted")
+                if getattr(image, "n_frames", 1) > 1 and fmt != "JPEG":
+                    raise ServiceError(f"{path}: animated or multi-image files are not supported")
+                quality = estimate_jpeg_quality(image.quantization) \
+                    if fmt == "JPEG" and getattr(image, "quantization", None) else None
+                exif = image.getexif()
+                return _Source(fmt, exif if len(exif) else None, image.info.get("icc_profile"), quality,
+                               fmt == "WEBP" and _webp_lossless(data))
+    except ServiceError:
+        raise
+    except UnidentifiedImageError:
+        what = "an empty file, not an image" if not data else \
+            "not an image the agent can read (JPEG, PNG, WebP and HEIC are)"
+        raise ServiceError(f"{path}: {what}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ServiceError(f"{path}: not an image the agent can read ({error})") from None
+
+
+def estimate_jpeg_quality(tables: Mapping[int, Sequence[int]]) -> int:
+    """The IJG quality (1-100) whose scaled standard tables come nearest the file's (Pillow's
+    `image.quantization`, natural order). Exact for files written by libjpeg-based encoders; the
+    nearest equivalent for cameras' own tables."""
+    luma = np.asarray(tables[0], dtype=np.int64) if 0 in tables else None
+    chroma = np.asarray(tables[1], dtype=np.int64) if 1 in tables else None
+    best, best_error = 100, None
+    for quality in range(100, 0, -1):
+        scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+        error = 0
+        for table, base in ((luma, _STD_LUMA), (chroma, _STD_CHROMA)):
+            if table is not None and table.size == 64:
+                error += int(np.abs(table - np.clip((base * scale + 50) // 100, 1, 255)).sum())
+        if best_error is None or error < best_error:
+            best, best_error = quality, error
+    return best
+
+
+def _webp_lossless(data: bytes) -> bool:
+    """A WebP file holds a lossless (VP8L) bitstream rather than a lossy (VP8) one."""
+    offset = 12
+    while offset + 8 <= len(data):
+        kind, size = data[offset:offset + 4], struct.unpack("<I", data[offset + 4:offset + 8])[0]
+        if kind in (b"VP8 ", b"VP8L"):
+            return kind == b"VP8L"
+        offset += 8 + size + (size & 1)
+    return False
+
+
+def clean_exif(exif: Image.Exif | None, size: tuple[int, int]) -> tuple[bytes | None, tuple[str, ...]]:
+    """The EXIF block for a protected image, and the names of what was removed: no GPS, no serial
+    numbers, owner or maker note, no thumbnail; orientation 1 (the pixels are already turned) and
+    the pixel dimensions of the output; everything else (capture date, camera model, exposure) kept.
+    """
+    if not exif:
+        return None, ()
+    removed: list[str] = []
+    clean = Image.Exif()
+    for tag, value in exif.items():
+        if tag == _GPS_IFD:
+            removed.append("GPS")
+        elif tag in _REMOVED_TAGS:
+            removed.append(_REMOVED_TAGS[tag])
+        elif tag != _EXIF_IFD:
+            clean[tag] = value
+    sub = {}
+    for tag, value in exif.get_ifd(_EXIF_IFD).items():
+        if tag in _REMOVED_TAGS:
+            removed.append(_REMOVED_TAGS[tag])
+        elif tag != _INTEROP_IFD:
+            sub[tag] = value
+    if sub:
+        if _PIXEL_X in sub or _PIXEL_Y in sub:
+            sub[_PIXEL_X], sub[_PIXEL_Y] = size
+        clean[_EXIF_IFD] = sub
+    if _ORIENTATION in clean:
+        clean[_ORIENTATION] = 1
+    try:
+        return clean.tobytes(), tuple(removed)
+    except (TypeError, ValueError, KeyError, OverflowError, struct.error):  # a value Pillow cannot write back: keep only the dates rather than fail the photo
+        dates = Image.Exif()
+        for tag in _DATE_TAGS:
+            if tag in exif:
+                dates[tag] = exif[tag]
+        kept = {tag: sub[tag] for tag in _DATE_TAGS if tag in sub}
+        if kept:
+            dates[_EXIF_IFD] = kept
+        return (dates.tobytes() if len(dates) else None), tuple(removed) + ("other EXIF (unwritable)",)
+
+
+def _matching_icc(icc: bytes | None, channels: int) -> bytes | None:
+    """The profile only if it still describes the output's colour space (grayscale photos come
+    out in colour, CMYK ones as RGB)."""
+    space = b"GRAY" if channels <= 2 else b"RGB "
+    return icc if icc and icc[16:20] == space else None
+
+
+def encode_image(pixels: np.ndarray, fmt: str, *, quality: int = LOSSY_QUALITY, lossless: bool = False,
+                 icc: bytes | None = None, exif: bytes | None = None) -> bytes:
+    """(H, W[, C]) uint8/uint16 pixels as a file's bytes in `fmt` (JPEG, PNG, WEBP, HEIF), with the
+    colour profile and EXIF block given. 16-bit pixels only as PNG."""
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    channels = pixels.shape[2]
+    icc = _matching_icc(icc, channels)
+    if pixels.dtype == np.uint16:
+        if fmt != "PNG":
+            raise ServiceError(f"{fmt} cannot hold 16-bit pixels")
+        return _png_with_exif(pipeline._encode_png16(pixels, icc), exif)
+    if fmt == "JPEG" and channels in (2, 4):
+        raise ServiceError("JPEG cannot hold an alpha channel")
+    params: dict[str, Any] = {}
+    if icc:
+        params["icc_profile"] = icc
+    if exif:
+        params["exif"] = exif
+    if fmt == "JPEG":
+        # 4:4:4: chroma subsampling would average away half of the colour perturbation
+        params.update(quality=int(quality), subsampling=0)
+    elif fmt == "WEBP":
+        params.update(lossless=True, quality=100) if lossless else params.update(quality=int(quality))
+    elif fmt == "HEIF":
+        params.update(quality=int(quality), chroma="444")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def _png_with_exif(png: bytes, exif: bytes | None) -> bytes:
+    """Inserts an eXIf chunk after IHDR (before the image data, as the PNG spec asks)."""
+    if not exif:
+        return png
+    body = exif[6:] if exif.startswith(b"Exif\x00\x00") else exif
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length+type, IHDR data, CRC
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
+
+
+def _colour(pixels: np.ndarray) -> np.ndarray:
+    """The colour channels as (H, W, 3): grey repeated, alpha dropped."""
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    return np.repeat(pixels[:, :, :1], 3, axis=2) if pixels.shape[2] <= 2 else pixels[:, :, :3]
+
+
+def image_psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR in dB of the colour channels, on the reference's scale (8 or 16 bits), capped like
+    `metrics.PSNR_CAP` so that identical images give a finite figure."""
+    from .metrics import PSNR_CAP
+
+    maxval = float(np.iinfo(reference.dtype).max)
+    a, b = _colour(image).astype(np.float64), _colour(reference).astype(np.float64)
+    if np.iinfo(image.dtype).max != maxval:
+        a *= maxval / np.iinfo(image.dtype).max
+    mse = float(np.mean((a - b) ** 2))
+    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(maxval ** 2 / mse))
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _output_name(path: Path, fmt: str, tag: str) -> str:
+    suffix = path.suffix if path.suffix.lower() in FORMAT_SUFFIXES[fmt] else FORMAT_SUFFIXES[fmt][0]
+    return f"{path.stem}{tag}{suffix}"
+
+
+def _format_of_suffix(path: Path) -> str:
+    for fmt, suffixes in FORMAT_SUFFIXES.items():
+        if path.suffix.lower() in suffixes:
+            return fmt
+    return "PNG"  # unknown suffix: decided again from the content
+
+
+# ---------------------------------------------------------------- protect
+
+@dataclass(frozen=True)
+class ProtectResult:
+    """One file of a `protect_paths` batch: its output and record, or why it failed."""
+
+    source: Path
+    output: Path | None = None
+    error: str | None = None
+    record_id: str | None = None
+    format: str | None = None
+    quality: int | None = None
+    original_size: tuple[int, int] | None = None
+    working_size: tuple[int, int] | None = None
+    psnr: float | None = None
+    exif_removed: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(source=str(self.source), output=None if self.output is None else str(self.output), ok=self.ok,
+                   exif_removed=list(self.exif_removed))
+        for name in ("original_size", "working_size"):
+            out[name] = None if out[name] is None else list(out[name])
+        return out
+
+
+ProgressFn = Callable[[int, int, Any], None]
+
+
+def protect_paths(home: Path, user: str | None, passphrase: str, paths: Sequence[Path],
+                  out_dir: Path | None = None, options: ProtectOptions | None = None, *,
+                  source: str = "cli", overwrite: bool = False,
+                  on_progress: ProgressFn | None = None) -> list[ProtectResult]:
+    """Protects every image in `paths` (files, and folders searched recursively for .jpg .jpeg
+    .png .webp .heic .heif) with the user's active key and logs one signed record per file.
+
+    Outputs are `<stem>.protected<suffix>` beside each input or in `out_dir`, in the input's
+    format: JPEG at the original's estimated quality and at least 90 (4:4:4), PNG (8 or 16 bits),
+    WebP (lossless stays lossless, else quality 95), HEIC (quality 95, 4:4:4); the pixels the right
+    way up at the working resolution (`options.max_side`); the EXIF cleaned by `clean_exif`; the
+    ICC profile kept. An existing output is refused unless `overwrite`; an original never written.
+
+    Bad files do not stop the batch: each gets a `ProtectResult` with its error. Problems that
+    concern the whole batch (wrong passphrase, unknown user, another agent process, a locked
+    log) raise before or while it runs. `on_progress(done, total, result)` is called with
+    (0, total, None) once the files are listed, then after each file.
+    """
+    home = Path(home)
+    options = ProtectOptions() if options is None else options
+    user = resolve_user(home, user)
+    keys = _unlock(home, user, passphrase)
+    jobs = _plan(paths, out_dir, lambda p: _output_name(p, _format_of_suffix(p), PROTECTED_TAG),
+                 (PROTECTED_TAG, RECOVERED_TAG))
+    total = len(jobs)
+    if on_progress:
+        on_progress(0, total, None)
+    results: list[ProtectResult] = []
+    with home_lock(home), _database(home, create=True) as factory:
+        with factory.begin() as session:
+            model_row = _register_default_model(session)
+        for job in jobs:
+            if job.error is not None:
+                result = ProtectResult(job.source, error=job.error)
+            else:
+                try:
+                    result = _protect_one(factory, keys, model_row, job, options, source, overwrite)
+                except DatabaseLockedError:
+                    raise
+                except (ServiceError, KeyStoreError, ProvenanceError) as error:
+                    result = ProtectResult(job.source, error=str(error))
+            results.append(result)
+            if on_progress:
+                on_progress(len(results), total, result)
+    return results
+
+
+def _protect_one(factory, keys: UserKeys, model_row, job: _Job, options: ProtectOptions, source: str,
+                 overwrite: bool) -> ProtectResult:
+    src = job.source
+    data = _read_bytes(src)
+    facts = _inspect(src, data)
+    dst = job.output
+    if dst.suffix.lower() not in FORMAT_SUFFIXES[facts.format]:  # the suffix lied about the content
+        dst = dst.with_name(_output_name(src, facts.format, PROTECTED_TAG))
+    _check_output(src, dst, overwrite)
+    try:
+        pixels = pipeline.read_image(src)
+        protected, info = pipeline.protect(pixels, keys.active_rgan_key.key, options)
+    except (ValueError, FileNotFoundError) as error:
+        raise ServiceError(str(error)) from None
+    quality = max(MIN_JPEG_QUALITY, facts.quality or 0) if facts.format == "JPEG" else \
+        None if facts.format == "PNG" or facts.lossless else LOSSY_QUALITY
+    exif, removed = clean_exif(facts.exif, info.working_size)
+    encoded = encode_image(protected, facts.format, quality=quality or LOSSY_QUALITY, lossless=facts.lossless,
+                           icc=facts.icc, exif=exif)
+    lossless = facts.format == "PNG" or facts.lossless
+    psnr = image_psnr(protected if lossless else _decoded(encoded), pipeline.working_copy(pixels, options))
+    params = {
+        "format": facts.format,
+        "quality": quality,
+        "original_quality": facts.quality,
+        "max_side": options.max_side,
+        "tile": options.tile,
+        "overlap": options.overlap,
+        "tile_above": options.tile_above,
+        "model": DEFAULT_MODEL_NAME,
+        "exif_removed": list(removed),
+    }
+    written = False
+    try:
+        with factory.begin() as session:
+            record = prov.record_protection(session, keys, original=data, protected=encoded, info=info,
+                                            model=model_row, source=source, file_name=src.name, params=params,
+                                            psnr=psnr)
+            _write_output(dst, encoded, overwrite)
+            written = True
+    except BaseException:
+        if written:  # the log refused the record at commit: an output without its record goes too
+            dst.unlink(missing_ok=True)
+        raise
+    return ProtectResult(src, dst, None, record.id, facts.format, quality, info.original_size, info.working_size,
+                         psnr, removed)
+
+
+# ---------------------------------------------------------------- recover
+
+@dataclass(frozen=True)
+class RecoverResult:
+    """One file of a `recover_paths` batch. `matched_by`: sha256 (the protected file itself),
+    phash (a look-alike: recompressed or resized copy; `distance` in bits), or user (no record;
+    the given user's active key was tried)."""
+
+    source: Path
+    output: Path | None = None
+    error: str | None = None
+    record_id: str | None = None
+    user: str | None = None
+    matched_by: str | None = None
+    distance: int | None = None
+    note: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(source=str(self.source), output=None if self.output is None else str(self.output), ok=self.ok)
+        return out
+
+
+def _recovered_name(path: Path) -> str:
+    stem = path.stem
+    if stem.lower().endswith(PROTECTED_TAG):
+        stem = stem[:-len(PROTECTED_TAG)]
+    return f"{stem}{RECOVERED_TAG}.png"
+
+
+def recover_paths(home: Path, paths: Sequence[Path], out_dir: Path | None = None, passphrase: str = "",
+                  user: str | None = None, *, overwrite: bool = False,
+                  on_progress: ProgressFn | None = None) -> list[RecoverResult]:
+    """Recovers protected images into `<stem>.recovered.png` (beside each or in `out_dir`).
+
+    Each image's record is found by the exact SHA-256 of its bytes, else by perceptual hash (a
+    platform's recompressed or resized copy); recovery then uses that record's user, the RGAN key
+    it was protected with (older keys survive rotation) and its `ProtectInfo`. `passphrase` unlocks
+    whichever users' keys are needed. An image with no record is an error, unless `user` is given:
+    then the user's active key is tried without the record's information. With `user`, only that
+    user's records are considered. The result has the working resolution (what was protected).
+    """
+    home = Path(home)
+    if user is not None:
+        user = resolve_user(home, user)
+    jobs = _plan(paths, out_dir, _recovered_name, (RECOVERED_TAG,))
+    total = len(jobs)
+    if on_progress:
+        on_progress(0, total, None)
+    unlocked: dict[str, UserKeys | KeyStoreError] = {}
+
+    def keys_of(name: str) -> UserKeys:
+        if name not in unlocked:
+            try:
+                unlocked[name] = _unlock(home, name, passphrase)
+            except KeyStoreError as error:
+                unlocked[name] = error
+        found = unlocked[name]
+        if isinstance(found, KeyStoreError):
+            raise found
+        return found
+
+    model_sha = _default_model_sha256()
+    results: list[RecoverResult] = []
+    with _database(home) as factory:
+        for job in jobs:
+            if job.error is not None:
+                result = RecoverResult(job.source, error=job.error)
+            else:
+                try:
+                    result = _recover_one(factory, keys_of, model_sha, job, user, overwrite)
+                except DatabaseLockedError:
+                    raise
+                except (ServiceError, KeyStoreError, ProvenanceError) as error:
+                    result = RecoverResult(job.source, error=str(error))
+            results.append(result)
+            if on_progress:
+                on_progress(len(results), total, result)
+    return results
+
+
+@dataclass(frozen=True)
+class _Match:
+    record: prov.Record | None
+    matched_by: str | None
+    distance: int | None
+    original_of: prov.Record | None = None
+
+
+def _find(session, data: bytes, path: Path, user: str | None = None) -> _Match:
+    """The record of an image: by exact SHA-256 of the protected file, else by perceptual hash;
+    `original_of` when the bytes are an original that was protected (not a protected image)."""
+    digest = hashlib.sha256(data).hexdigest()
+    exact = [r for r in prov.find_by_sha256(session, digest) if user is None or r.user == user]
+    if exact:
+        return _Match(exact[0], "sha256", 0)
+    originals = prov.find_by_sha256(session, digest, original=True)
+    if originals:
+        return _Match(None, None, None, originals[0])
+    try:
+        phash = prov.perceptual_hash(data)
+    except ProvenanceError:
+        raise ServiceError(f"{path}: not an image the agent can read") from None
+    hits = [(d, r) for d, r in prov.find_by_phash(session, phash) if user is None or r.user == user]
+    if hits:
+        return _Match(hits[0][1], "phash", hits[0][0])
+    return _Match(None, None, None)
+
+
+def _recover_one(factory, keys_of: Callable[[str], UserKeys], model_sha: str, job: _Job, user: str | None,
+                 overwrite: bool) -> RecoverResult:
+    src, dst = job.source, job.output
+    data = _read_bytes(src)
+    facts = _inspect(src, data)
+    _check_output(src, dst, overwrite)
+    with factory() as session:
+        match = _find(session, data, src, user)
+    note = None
+    if match.original_of is not None:
+        record = match.original_of
+        raise ServiceError(f"{src} is the original of record {record.id} (user {record.user!r}, {record.time}), "
+                           "not a protected image: there is nothing to recover")
+    try:
+        pixels = pipeline.read_image(src)
+    except (ValueError, FileNotFoundError) as error:
+        raise ServiceError(str(error)) from None
+    if match.record is not None:
+        record = match.record
+        if record.model_sha256 != model_sha:
+            raise ServiceError(f"{src} was protected with a model this agent does not have (SHA-256 "
+                               f"{record.model_sha256[:16]}…, record {record.id}); install that agent version")
+        keys = keys_of(record.user)
+        key = keys.key_for(record.rgan_key_id)
+        try:
+            info = ProtectInfo.from_dict(record.params["protect_info"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ServiceError(f"record {record.id} holds no usable protect info ({error}); "
+                               "run `agent log verify`") from None
+        width, height = pixels.shape[1], pixels.shape[0]
+        if (width, height) != info.working_size:
+            # a platform's resized copy: bring it back to the protected size; only approximate
+            pixels = _resize(pixels, *info.working_size)
+            note = (f"the image is {width}×{height}, it was protected at {info.working_size[0]}×"
+                    f"{info.working_size[1]}: resized back, the recovery is approximate")
+        elif match.matched_by == "phash":
+            note = f"a look-alike of the protected image (perceptual hash {match.distance} bits away)"
+        owner, matched_by, distance, record_id = record.user, match.matched_by, match.distance, record.id
+    elif user is not None:
+        keys = keys_of(user)
+        key, info = keys.active_rgan_key.key, None
+        owner, matched_by, distance, record_id = user, "user", None, None
+        note = (f"no record of this image: recovered with {user!r}'s active key, which is right only if "
+                "that key protected it")
+    else:
+        raise ServiceError(f"{src}: no record of this image in the log (neither its exact bytes nor a "
+                           "look-alike): it was not protected here, or it was cropped, rotated or filtered; "
+                           "pass --user NAME to try that user's key anyway")
+    try:
+        recovered = pipeline.recover(pixels, key, info)
+    except ValueError as error:
+        raise ServiceError(f"{src}: {error}") from None
+    exif, _ = clean_exif(facts.exif, (recovered.shape[1], recovered.shape[0]))
+    _write_output(dst, encode_image(recovered, "PNG", icc=facts.icc, exif=exif), overwrite)
+    return RecoverResult(src, dst, None, record_id, owner, matched_by, distance, note)
+
+
+def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    maxval = np.iinfo(pixels.dtype).max
+    planes = [np.asarray(Image.fromarray(pixels[:, :, c].astype(np.float32))
+                         .resize((width, height), Image.Resampling.LANCZOS)) for c in range(pixels.shape[2])]
+    return np.clip(np.rint(np.stack(planes, axis=2)), 0, maxval).astype(pixels.dtype)
+
+
+# ---------------------------------------------------------------- the log
+
+@dataclass(frozen=True)
+class LogListing:
+    """Records in time order; file names decrypted for the users in `unlocked`."""
+
+    records: list[prov.Record]
+    unlocked: tuple[str, ...]
+    locked: tuple[str, ...]  # users with records whose names stay encrypted (no or wrong passphrase)
+    undecryptable: tuple[str, ...] = ()  # record ids whose encrypted name failed authentication
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"records": [r.to_dict() for r in self.records], "unlocked": list(self.unlocked),
+                "locked": list(self.locked), "undecryptable": list(self.undecryptable)}
+
+
+def log_records(home: Path, passphrases: Mapping[str, str] | str | None = None, *, user: str | None = None,
+                since: datetime | None = None) -> LogListing:
+    """The log's records (of `user`, at or after `since`, timezone-aware). `passphrases` (user ->
+    passphrase, or one passphrase to try for every user with a key file) unlock those users' file
+    names; a wrong one leaves that user's names encrypted rather than failing the listing."""
+    home = Path(home)
+    if user is not None:
+        keystore.check_user(user)
+    if since is not None and since.tzinfo is None:
+        raise ServiceError("the time to list from must say its time zone (e.g. 2025-01-31T18:00+01:00)")
+    if isinstance(passphrases, str):
+        passphrases = {name: passphrases for name in keystore.list_users(_store(home))
+                       if user is None or name == user}
+    unlocked: dict[str, UserKeys] = {}
+    for name, passphrase in (passphrases or {}).items():
+        try:
+            unlocked[name] = _unlock(home, name, passphrase)
+        except (KeyStoreError, ServiceError):
+            pass
+    with _database(home) as factory, factory() as session:
+        records = prov.list_records(session, user, since)
+    out, bad = [], []
+    for record in records:
+        if record.user in unlocked:
+            try:
+                record = prov.decrypt_record(record, unlocked[record.user])
+            except ProvenanceError:
+                bad.append(record.id)
+        out.append(record)
+    locked = sorted({r.user for r in out} - set(unlocked))
+    return LogListing(out, tuple(sorted(unlocked)), tuple(locked), tuple(bad))
+
+
+def verify_log(home: Path) -> prov.VerifyReport:
+    """Checks every record's hash and signature and every chain link, trusting the public keys in
+    the key files (a user whose key file is gone is checked against the log's own copy, and the
+    report says so)."""
+    home = Path(home)
+    trusted = prov.public_keys_from_store(_store(home))
+    with _database(home) as factory, factory() as session:
+        return prov.verify_chain(session, trusted)
+
+
+SELF_CHECK_NOTE = ("the self-check (does the protection still fool the bundled classifier) is not "
+                   "implemented yet")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What the log says about an image."""
+
+    file: Path
+    protected: bool
+    matched_by: str | None = None  # sha256 | phash
+    distance: int | None = None
+    record: prov.Record | None = None
+    authentic: bool | None = None  # the record's hash, signature and place in the chain verify
+    original_of: prov.Record | None = None
+    self_check_asr: float | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": str(self.file), "protected": self.protected, "matched_by": self.matched_by,
+                "distance": self.distance, "record": None if self.record is None else self.record.to_dict(),
+                "authentic": self.authentic,
+                "original_of": None if self.original_of is None else self.original_of.to_dict(),
+                "self_check_asr": self.self_check_asr, "notes": list(self.notes)}
+
+
+def check_image(home: Path, path: Path) -> CheckResult:
+    """Is this image protected, by whom and when (from the log, by exact hash or look-alike), and
+    does its record verify. The self-check against a classifier is not done yet (see the notes)."""
+    home, path = Path(home), Path(path)
+    data = _read_bytes(path)
+    trusted = prov.public_keys_from_store(_store(home))
+    with _database(home) as factory, factory() as session:
+        match = _find(session, data, path)
+        record = match.record or match.original_of
+        authentic = None
+        if record is not None:
+            report = prov.verify_chain(session, trusted)
+            authentic = not any(p.record_id == record.id for p in report.problems)
+    notes = [SELF_CHECK_NOTE]
+    if match.original_of is not None:
+        notes.insert(0, "this file is an original that was protected; the file itself is not protected")
+    if match.matched_by == "phash":
+        notes.insert(0, f"a look-alike of a protected image (perceptual hash {match.distance} bits away): "
+                        "a recompressed or resized copy")
+    if authentic is False:
+        notes.insert(0, "the record does not verify: run `agent log verify`")
+    return CheckResult(path, match.record is not None, match.matched_by, match.distance, match.record, authentic,
+                       match.original_of, None, tuple(notes))
+
+
+__all__ = [
+    "DEFAULT_USER",
+    "USER_ERRORS",
+    "AgentBusyError",
+    "CheckResult",
+    "LogListing",
+    "ProtectResult",
+    "RecoverResult",
+    "ServiceError",
+    "add_user",
+    "change_passphrase",
+    "check_image",
+    "clean_exif",
+    "encode_image",
+    "estimate_jpeg_quality",
+    "export_keys",
+    "home_lock",
+    "image_psnr",
+    "import_keys",
+    "init_user",
+    "list_users",
+    "log_records",
+    "protect_paths",
+    "recover_paths",
+    "remove_user",
+    "resolve_user",
+    "rotate_key",
+    "show_keys",
+    "verify_log",
+]
