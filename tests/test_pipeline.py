@@ -378,16 +378,24 @@ def test_no_model_means_the_shipped_one(model, tmp_path, monkeypatch):
         default_model.cache_clear()
 
 
-@pytest.mark.skipif(WEIGHTS.exists(), reason="the shipped photo model is installed")
-def test_a_missing_default_model_is_explained():
-    with pytest.raises(FileNotFoundError, match="photo model"):
-        default_model()
+def test_a_missing_default_model_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "DEFAULT_MODEL_PATH", tmp_path / "none.safetensors")
+    default_model.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match="photo model"):
+            default_model()
+    finally:
+        default_model.cache_clear()
 
 
-@pytest.mark.skipif(not WEIGHTS.exists(), reason="the shipped photo model is not trained yet")
-def test_the_shipped_model_round_trips_a_photo():
+def test_the_shipped_model_round_trips_a_photo_only_with_its_key():
+    """Thresholds a little under the figures in docs/benchmarks.md (224 crops: protected 33.4 dB,
+    recovered 47 dB, wrong key 33.2 dB)."""
+    assert WEIGHTS.stat().st_size < 10 * 2**20
     original = photo(451, 300)
     protected, info = protect(original, KEY)
     recovered = recover(protected, KEY, info)
-    assert psnr(protected, original) >= 30
-    assert psnr(recovered, original) >= 40
+    wrong = recover(protected, bytes(reversed(KEY)), info)
+    assert 32 <= psnr(protected, original) < 36
+    assert psnr(recovered, original) >= 44
+    assert psnr(wrong, original) <= psnr(protected, original) + 1
