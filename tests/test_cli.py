@@ -5,7 +5,7 @@ import torch
 from typer.testing import CliRunner
 
 from agent.cli import app
-from agent.demo import run_demo
+from agent.demo import packaged, run_demo
 
 runner = CliRunner()
 
@@ -89,6 +89,7 @@ def test_evaluate_names_a_missing_model(tmp_path):
     assert result.exit_code == 2 and "none.safetensors" in result.output
 
 
-def test_the_default_model_ships_as_safetensors_inside_the_package():
-    path = packaged("weights", DEFAULT_MODEL)
-    assert path.suffix == ".safetensors" and path.stat().st_size < 10 * 2**20
+def test_the_default_models_ship_as_safetensors_inside_the_package():
+    for name in ("photo-rgan", "cifar10-rgan"):
+        path = packaged("weights", f"{name}.safetensors")
+        assert path.stat().st_size < 10 * 2**20
