@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent import metrics  # noqa: E402
 from agent.adversaries.keyless import protect_with_unseen_keys, train_keyless  # noqa: E402
-from agent.atomic import atomic_path  # noqa: E402
+from agent.atomic import write_text  # noqa: E402
 from agent.classifiers import load_classifier  # noqa: E402
 from agent.data import TRAIN_SHORT_SIDE, centre_crops, load_photos, to_float  # noqa: E402
 from agent.pipeline import DEFAULT_MODEL_PATH, ProtectOptions, protect, recover  # noqa: E402
@@ -205,12 +205,9 @@ def main() -> None:
         if args.limit:
             print(json.dumps(results, indent=2))
             return
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(RESULTS) as tmp:
-            tmp.write_text(json.dumps(results, indent=2))
+        write_text(RESULTS, json.dumps(results, indent=2))
     text = report(results)
-    with atomic_path(REPORT) as tmp:
-        tmp.write_text(text)
+    write_text(REPORT, text)
     print(text)
 
 

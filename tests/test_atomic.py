@@ -26,3 +26,12 @@ def test_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
             raise RuntimeError("writer crashed")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_write_text_creates_the_folder_and_replaces_whole(tmp_path):
+    from agent.atomic import write_text
+
+    target = tmp_path / "new" / "report.md"
+    write_text(target, "first")
+    write_text(target, "second")
+    assert target.read_text() == "second" and [p.name for p in target.parent.iterdir()] == ["report.md"]
