@@ -447,23 +447,41 @@ def _check_writable(dst: Path, dtype: np.dtype, alpha: bool) -> None:
 
 def _write_image(pixels: np.ndarray, dst: Path, quality: int, icc: bytes | None) -> None:
     fmt = _check_format(dst, quality)
-    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
-    _check_writable(dst, pixels.dtype, channels in (2, 4))
-    icc = _matching_icc(icc, channels)
-    if pixels.dtype == np.uint16:
-        data = _encode_png16(pixels.reshape(*pixels.shape[:2], channels), icc)
-    else:
-        buffer = io.BytesIO()
-        params: dict[str, Any] = {"icc_profile": icc} if icc else {}
-        if fmt == "JPEG":
-            # 4:4:4: chroma subsampling would average away half of the colour perturbation
-            params.update(quality=quality, subsampling=0)
-        elif fmt == "WEBP":
-            params.update(quality=quality)
-        Image.fromarray(pixels.squeeze(2) if channels == 1 else pixels).save(buffer, format=fmt, **params)
-        data = buffer.getvalue()
+    _check_writable(dst, pixels.dtype, pixels.ndim == 3 and pixels.shape[2] in (2, 4))
+    data = encode_image(pixels, fmt, quality=quality, icc=icc)
     with atomic_path(dst) as tmp:
         tmp.write_bytes(data)
+
+
+def encode_image(pixels: np.ndarray, fmt: str, *, quality: int = 95, lossless: bool = False,
+                 icc: bytes | None = None, exif: bytes | None = None) -> bytes:
+    """(H, W[, C]) uint8/uint16 pixels as a file's bytes in `fmt` (JPEG, PNG, WEBP, HEIF), with the
+    colour profile and EXIF block given. 16-bit pixels only as PNG."""
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    channels = pixels.shape[2]
+    icc = _matching_icc(icc, channels)
+    if pixels.dtype == np.uint16:
+        if fmt != "PNG":
+            raise ValueError(f"{fmt} cannot hold 16-bit pixels")
+        return _png_with_exif(_encode_png16(pixels, icc), exif)
+    if fmt == "JPEG" and channels in (2, 4):
+        raise ValueError("JPEG cannot hold an alpha channel")
+    params: dict[str, Any] = {}
+    if icc:
+        params["icc_profile"] = icc
+    if exif:
+        params["exif"] = exif
+    if fmt == "JPEG":
+        # 4:4:4: chroma subsampling would average away half of the colour perturbation
+        params.update(quality=int(quality), subsampling=0)
+    elif fmt == "WEBP":
+        params.update(lossless=True, quality=100) if lossless else params.update(quality=int(quality))
+    elif fmt == "HEIF":
+        params.update(quality=int(quality), chroma="444")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(buffer, format=fmt, **params)
+    return buffer.getvalue()
 
 
 def _matching_icc(icc: bytes | None, channels: int) -> bytes | None:
@@ -471,6 +489,16 @@ def _matching_icc(icc: bytes | None, channels: int) -> bytes | None:
     in colour and CMYK ones as RGB, and a profile of another colour space would be misapplied."""
     space = b"GRAY" if channels <= 2 else b"RGB "
     return icc if icc and icc[16:20] == space else None
+
+
+def _png_with_exif(png: bytes, exif: bytes | None) -> bytes:
+    """Inserts an eXIf chunk after IHDR (before the image data, as the PNG spec asks)."""
+    if not exif:
+        return png
+    body = exif[6:] if exif.startswith(b"Exif\x00\x00") else exif
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length+type, IHDR data, CRC
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
 
 
 def _encode_png16(pixels: np.ndarray, icc: bytes | None) -> bytes:

@@ -31,7 +31,6 @@ import os
 import struct
 import time
 import warnings
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -550,52 +549,13 @@ def clean_exif(exif: Image.Exif | None, size: tuple[int, int]) -> tuple[bytes | 
         return (dates.tobytes() if len(dates) else None), tuple(removed) + ("other EXIF (unwritable)",)
 
 
-def _matching_icc(icc: bytes | None, channels: int) -> bytes | None:
-    """The profile only if it still describes the output's colour space (grayscale photos come
-    out in colour, CMYK ones as RGB)."""
-    space = b"GRAY" if channels <= 2 else b"RGB "
-    return icc if icc and icc[16:20] == space else None
-
-
 def encode_image(pixels: np.ndarray, fmt: str, *, quality: int = LOSSY_QUALITY, lossless: bool = False,
                  icc: bytes | None = None, exif: bytes | None = None) -> bytes:
-    """(H, W[, C]) uint8/uint16 pixels as a file's bytes in `fmt` (JPEG, PNG, WEBP, HEIF), with the
-    colour profile and EXIF block given. 16-bit pixels only as PNG."""
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    channels = pixels.shape[2]
-    icc = _matching_icc(icc, channels)
-    if pixels.dtype == np.uint16:
-        if fmt != "PNG":
-            raise ServiceError(f"{fmt} cannot hold 16-bit pixels")
-        return _png_with_exif(pipeline._encode_png16(pixels, icc), exif)
-    if fmt == "JPEG" and channels in (2, 4):
-        raise ServiceError("JPEG cannot hold an alpha channel")
-    params: dict[str, Any] = {}
-    if icc:
-        params["icc_profile"] = icc
-    if exif:
-        params["exif"] = exif
-    if fmt == "JPEG":
-        # 4:4:4: chroma subsampling would average away half of the colour perturbation
-        params.update(quality=int(quality), subsampling=0)
-    elif fmt == "WEBP":
-        params.update(lossless=True, quality=100) if lossless else params.update(quality=int(quality))
-    elif fmt == "HEIF":
-        params.update(quality=int(quality), chroma="444")
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
-def _png_with_exif(png: bytes, exif: bytes | None) -> bytes:
-    """Inserts an eXIf chunk after IHDR (before the image data, as the PNG spec asks)."""
-    if not exif:
-        return png
-    body = exif[6:] if exif.startswith(b"Exif\x00\x00") else exif
-    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
-    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length+type, IHDR data, CRC
-    return png[:ihdr_end] + chunk + png[ihdr_end:]
+    """`pipeline.encode_image`, with the service's error type."""
+    try:
+        return pipeline.encode_image(pixels, fmt, quality=quality, lossless=lossless, icc=icc, exif=exif)
+    except ValueError as error:
+        raise ServiceError(str(error)) from None
 
 
 def _colour(pixels: np.ndarray) -> np.ndarray:
