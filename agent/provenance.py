@@ -12,9 +12,11 @@ Transactions are real SQLite transactions (SQLAlchemy emits BEGIN itself; the sq
 legacy mode would run SELECTs outside any transaction): reads begin DEFERRED, appends take the write
 lock first (BEGIN IMMEDIATE), so two processes appending at once are serialised, never forked.
 
-Tables: `users` (name, created, Ed25519 public key, and the chain head as last written, see below),
-`keys` (public parts of the RGAN keys: key id, user, created, active flag), `models` (name, SHA-256
-of the weights, the user or NULL for the shipped default, encrypted flag, created) and
+Tables: `users` (name, created, Ed25519 public key, the chain head as last written, see below,
+and the active model, NULL for the shipped default), `keys` (public parts of the RGAN keys: key id,
+user, created, active flag), `models` (name, SHA-256 of the weights, the user or NULL for the
+shipped default, encrypted flag, created, the file under `$AGENT_HOME/models`, a JSON report),
+`pairing_codes` and `tokens` (the local service's pairing, stored as SHA-256 only) and
 `protections` (the records).
 
 A record
@@ -179,6 +181,8 @@ class UserRow(Base):
     # the chain head as of the last append: a tripwire for truncation, not a proof (unsigned)
     head_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     head_hash: Mapped[str | None] = mapped_column(String(64))
+    # NULL: the shipped default model
+    active_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
 
     keys: Mapped[list[KeyRow]] = relationship(back_populates="user", cascade="all, delete-orphan")
 
@@ -205,6 +209,33 @@ class ModelRow(Base):
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
     encrypted: Mapped[bool] = mapped_column(Boolean)
     created: Mapped[str] = mapped_column(String(32))
+    file: Mapped[str | None] = mapped_column(String(200))  # under $AGENT_HOME/models; NULL: shipped
+    report: Mapped[str | None] = mapped_column(Text)  # JSON: how it was made and measured
+
+
+class PairingCodeRow(Base):
+    """A one-time code printed by `agent pair`; only its SHA-256 is stored."""
+    __tablename__ = "pairing_codes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created: Mapped[str] = mapped_column(String(32))
+    expires: Mapped[str] = mapped_column(String(32))
+
+
+class TokenRow(Base):
+    """A paired extension's bearer token, bound to the extension origin that paired; stored hashed."""
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    origin: Mapped[str | None] = mapped_column(String(200))
+    label: Mapped[str | None] = mapped_column(String(200))
+    created: Mapped[str] = mapped_column(String(32))
+    last_used: Mapped[str | None] = mapped_column(String(32))
+    revoked: Mapped[str | None] = mapped_column(String(32))
 
 
 class ProtectionRow(Base):

@@ -94,7 +94,7 @@ def test_migrations_create_the_schema_once_and_wal_is_on(tmp_path, users, photo)
     first = prov.open_database(path)
     engine = first.kw["bind"]
     names = set(inspect(engine).get_table_names())
-    assert {"users", "keys", "models", "protections", "alembic_version"} <= names
+    assert {"users", "keys", "models", "protections", "pairing_codes", "tokens", "alembic_version"} <= names
     with first.begin() as session:
         _record(session, users["alice"], photo)
     with engine.connect() as connection:
@@ -107,7 +107,7 @@ def test_migrations_create_the_schema_once_and_wal_is_on(tmp_path, users, photo)
 
     again = prov.open_database(path)  # already at head: a no-op that keeps the data
     with again() as session:
-        assert session.scalar(text("SELECT version_num FROM alembic_version")) == version == "0001"
+        assert session.scalar(text("SELECT version_num FROM alembic_version")) == version == "0002"
         assert len(prov.list_records(session)) == 1
     again.kw["bind"].dispose()
 
