@@ -58,6 +58,7 @@ SIGNING_KEY_BYTES = 32
 DATA_KEY_BYTES = 32
 DATA_VERSION = 1
 PASSPHRASE_ENV = "AGENT_PASSPHRASE"
+KEYRING_SERVICE = "rgan-agent"
 HOME_ENV = "AGENT_HOME"
 
 _KEY_ID_LABEL = b"rgan-agent key id v1"
@@ -238,12 +239,14 @@ def list_users(store: Path) -> list[str]:
 
 
 def remove_user(store: Path, user: str) -> None:
-    """Deletes the key file: images protected with its keys become unrecoverable (no backup kept)."""
+    """Deletes the key file, and its passphrase from the OS keyring: images protected with its keys
+    become unrecoverable (no backup kept)."""
     path = _user_file(store, user)
     try:
         path.unlink()
     except FileNotFoundError:
         raise KeyStoreError(f"no key file for user {user!r} in {store}") from None
+    _sync_keyring(store, user, None)  # a passphrase for keys that are gone is only a liability
 
 
 def public_info(store: Path, user: str) -> dict:
@@ -272,6 +275,86 @@ def passphrase_from_env_or_file(passphrase_file: Path | None) -> str | None:
         return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
     # empty counts as unset, so `AGENT_PASSPHRASE= agent …` never unlocks with an empty passphrase
     return os.environ.get(PASSPHRASE_ENV) or None
+
+
+# ---------------------------------------------------------------- the OS keyring
+
+
+def keyring_backend():
+    """The OS keyring (Keychain, Secret Service, Windows Credential Locker) through the optional
+    `keyring` package, or None without one: the package is not installed, or it found no real store
+    and fell back to a backend that refuses (`fail`) or drops (`null`) everything; both have a
+    priority of at most 0, every real one above."""
+    try:
+        import keyring
+    except ImportError:
+        return None
+    backend = keyring.get_keyring()
+    return backend if backend.priority > 0 else None
+
+
+def remember_passphrase(store: Path, user: str, passphrase: str) -> None:
+    """Stores the user's passphrase in the OS keyring, after checking that it unlocks their key file
+    (a wrong one kept there would make every later command fail)."""
+    unlock(store, user, passphrase)
+    _set_keyring(store, user, passphrase, "store the passphrase in")
+
+
+def recall_passphrase(store: Path, user: str) -> str | None:
+    """The passphrase `remember_passphrase` stored for this user's key file; None when there is no
+    OS keyring or nothing stored."""
+    if keyring_backend() is None:
+        return None
+    return _keyring("read", lambda backend: backend.get_password(KEYRING_SERVICE, _keyring_name(store, user))) or None
+
+
+def forget_passphrase(store: Path, user: str) -> bool:
+    """Removes the user's passphrase from the OS keyring; False if none was stored. Works for a user
+    whose key file is already gone."""
+    name = _keyring_name(store, user)
+    if _keyring("read", lambda backend: backend.get_password(KEYRING_SERVICE, name)) is None:
+        return False
+    _keyring("remove the passphrase from", lambda backend: backend.delete_password(KEYRING_SERVICE, name))
+    return True
+
+
+def _keyring(doing: str, action):
+    backend = keyring_backend()
+    if backend is None:
+        raise KeyStoreError(f"cannot {doing} the OS keyring: there is none here (install the agent with the "
+                            "`keyring` extra; on Linux it also needs a Secret Service such as GNOME Keyring "
+                            "or KWallet); use AGENT_PASSPHRASE or --passphrase-file instead")
+    from keyring.errors import KeyringError
+
+    try:
+        return action(backend)
+    except KeyringError as error:
+        raise KeyStoreError(f"cannot {doing} the OS keyring: {error or type(error).__name__}") from None
+
+
+def _keyring_name(store: Path, user: str) -> str:
+    # the key file's store is part of the name: two homes may each have a user `default`
+    return f"{check_user(user)}@{Path(store).resolve()}"
+
+
+def _set_keyring(store: Path, user: str, passphrase: str, doing: str) -> None:
+    _keyring(doing, lambda backend: backend.set_password(KEYRING_SERVICE, _keyring_name(store, user), passphrase))
+
+
+def _sync_keyring(store: Path, user: str, passphrase: str | None) -> None:
+    """Keeps the OS keyring in step with the key file just written under `passphrase` (a new
+    passphrase, a replacing import, a user re-created under the same name) or removed (None), so
+    that a stored passphrase never goes stale and fails every later command."""
+    try:
+        stored = recall_passphrase(store, user)
+        if stored is not None and passphrase is None:
+            forget_passphrase(store, user)
+        elif stored is not None and stored != passphrase:
+            _set_keyring(store, user, passphrase, "update the passphrase in")
+    except KeyStoreError as error:
+        done = "removed" if passphrase is None else "written"
+        raise KeyStoreError(f"the key file of user {user!r} was {done}, but {error}; run "
+                            f"`agent keys forget --user {user}`") from None
 
 
 # ---------------------------------------------------------------- data at rest
@@ -547,6 +630,7 @@ def _save(store: Path, keys: UserKeys, passphrase: str, n: int, *, replace: bool
     store.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(store, 0o700)  # also when it existed: the store holds nothing for other users
     _write_private(_user_file(store, keys.user), data, replace=replace)
+    _sync_keyring(store, keys.user, passphrase)
 
 
 def _write_private(target: Path, data: bytes, *, replace: bool) -> None:

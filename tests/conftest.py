@@ -1,9 +1,14 @@
+import os
+
 import pytest
 import torch
 
 from agent.data import load_cifar10, shared_dir
 
 torch.set_num_threads(2)
+# never the OS keyring of the machine the tests run on (nor in the CLI's subprocesses): a backend
+# that refuses everything, as on a machine without one; tests/test_keyring.py sets its own
+os.environ["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"
 
 
 @pytest.fixture(scope="session")

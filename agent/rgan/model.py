@@ -7,12 +7,13 @@ they are not part of this module and not shipped with the weights.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
 from torch import nn
-from safetensors.torch import load_file, save_file
-from safetensors import safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors, save_file
 
 from ..atomic import atomic_path
 from .config import ModelConfig
@@ -117,16 +118,75 @@ def save_model(model: RGAN, path: Path, extra: dict | None = None) -> None:
         save_file(state, str(tmp), metadata=metadata)
 
 
-def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[RGAN, dict]:
-    """Loads weights saved by `save_model`; returns the model (in eval mode) and its extra info."""
-    path = Path(path)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+class ModelFileError(ValueError):
+    """Bytes that are not a model file this agent can load; the message says why, after the name."""
+
+
+# a PyTorch file: a zip archive (torch.save since 1.6) or a bare pickle stream (protocol 2+)
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file: its header is an 8-byte little-endian length and
+    that much JSON (the safetensors format); the tensors are checked when they are loaded."""
+    if len(data) < 8:
+        raise ModelFileError("is not a model file (empty or truncated)")
+    (length,) = struct.unpack("<Q", data[:8])
+    try:
+        if length > len(data) - 8:
+            raise ValueError("the header runs past the end of the file")
+        header = json.loads(data[8:8 + length])
+    except ValueError:  # UnicodeDecodeError included
+        raise ModelFileError("is not a model file (not safetensors: the agent's model files are safetensors "
+                             "with rgan-agent metadata)") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def model_from_bytes(data: bytes) -> tuple[RGAN, dict]:
+    """A model from the bytes of a file `save_model` wrote, in eval mode on the CPU, and its extra
+    info. Model files may come from anyone (users import them), so everything is checked before
+    use, and a pickle is refused before anything is parsed: loading one can run any code."""
+    if data.startswith(_PICKLE_MAGIC):
+        raise ModelFileError("is a PyTorch pickle (.pt/.pth), not a model file: the agent never loads pickles "
+                             "(loading one can run any code); it reads only the safetensors model files "
+                             "`agent train` writes")
+    metadata = _metadata(data)
     if metadata.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not an rgan-agent model file")
+        raise ModelFileError(f"is not an rgan-agent model (a safetensors file of format {metadata.get('format')!r})")
     if metadata.get("version") not in READABLE_VERSIONS:
-        raise ValueError(f"{path} has model format version {metadata.get('version')!r}, "
-                         f"this agent reads versions {', '.join(READABLE_VERSIONS)}")
-    model = RGAN(ModelConfig.from_dict(json.loads(metadata["config"])))
-    model.load_state_dict(load_file(str(path), device="cpu"))
-    return model.to(device).eval(), json.loads(metadata.get("extra", "{}"))
+        raise ModelFileError(f"has model format version {metadata.get('version')!r}; this agent reads versions "
+                             f"{', '.join(READABLE_VERSIONS)} (a newer agent wrote it)")
+    try:
+        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+        extra = json.loads(metadata.get("extra", "{}"))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelFileError(f"has an unusable model configuration ({error})") from None
+    try:
+        tensors = load_tensors(data)
+    except SafetensorError as error:
+        raise ModelFileError(f"is a damaged safetensors file ({error})") from None
+    # compared on the meta device first, so that a configuration that does not match the tensors
+    # (or asks for enormous networks) is refused before any memory is allocated for it
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in RGAN(config).state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    if found != expected:
+        missing, unknown = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+        reshaped = sorted(n for n in expected.keys() & found.keys() if expected[n] != found[n])
+        raise ModelFileError(f"does not match its own configuration (missing tensors: {missing[:3]}, unknown: "
+                             f"{unknown[:3]}, wrong shape: {reshaped[:3]})")
+    if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+        raise ModelFileError("has NaN or infinite weights")
+    model = RGAN(config)
+    model.load_state_dict(tensors)
+    return model.eval(), extra if isinstance(extra, dict) else {}
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[RGAN, dict]:
+    """`model_from_bytes` on a file; a ValueError names the file."""
+    try:
+        model, extra = model_from_bytes(Path(path).read_bytes())
+    except ModelFileError as error:
+        raise ModelFileError(f"{path} {error}") from None
+    return model.to(device), extra
