@@ -203,14 +203,34 @@ def _ask(what: str, confirm: bool, hint: str) -> str:
     return value
 
 
-def _passphrase(passphrase_file: Optional[Path], what: str = "passphrase", *, confirm: bool = False) -> str:
-    """--passphrase-file, else $AGENT_PASSPHRASE, else a prompt when stdin is a terminal."""
+def _passphrase(passphrase_file: Optional[Path], what: str = "passphrase", *, confirm: bool = False,
+                recall: bool = False, user: Optional[str] = None) -> str:
+    """--passphrase-file, else $AGENT_PASSPHRASE, else (with `recall`, for an existing user's
+    passphrase) what `agent keys remember` stored in the OS keyring for `user` (a --user option: None
+    is the default user), else a prompt when stdin is a terminal."""
     value = _call(_passphrase_from_env_or_file, passphrase_file)
     if value:
         return value
     if passphrase_file is not None:
         fail(f"the passphrase file {passphrase_file} is empty")
-    return _ask(what, confirm, "set AGENT_PASSPHRASE or pass --passphrase-file FILE")
+    value = _recalled_passphrase(user) if recall else None
+    hint = "set AGENT_PASSPHRASE or pass --passphrase-file FILE" + (", or store it with `agent keys remember`"
+                                                                     if recall else "")
+    return value or _ask(what, confirm, hint)
+
+
+def _recalled_passphrase(user: Optional[str]) -> Optional[str]:
+    """What the OS keyring holds for `user`; None without a keyring, or for a user that does not
+    resolve (the command itself then says what is wrong with it)."""
+    from . import keys, service
+
+    if keys.keyring_backend() is None:
+        return None
+    try:
+        name = service.resolve_user(_home(), user)
+    except service.USER_ERRORS:
+        return None
+    return _call(keys.recall_passphrase, keys.key_store(_home()), name)
 
 
 def _passphrase_from_env_or_file(passphrase_file: Optional[Path]) -> Optional[str]:
@@ -344,14 +364,15 @@ def users_remove(
             fail(f"removing user {name!r} deletes their keys; pass --yes to confirm")
         typer.confirm(f"Delete the keys of user {name!r}? Photos they protected cannot be recovered without "
                       "a backup", abort=True)
-    passphrase = _passphrase(passphrase_file, f"passphrase of user {name!r}")
+    passphrase = _passphrase(passphrase_file, f"passphrase of user {name!r}", recall=True, user=name)
     _call(service.remove_user, _home(), name, passphrase)
     console.print(f"removed the keys of user {escape(name)}")
 
 
 # ---- keys
 
-keys_app = typer.Typer(help="A user's keys: show, back up, restore, rotate, change the passphrase.",
+keys_app = typer.Typer(help="A user's keys: show, back up, restore, rotate, change the passphrase, keep it "
+                       "in the OS keyring.",
                        no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
@@ -390,7 +411,7 @@ def keys_export(
     """Write an encrypted backup of a user's keys, under a passphrase of its own."""
     from . import service
 
-    passphrase = _passphrase(passphrase_file)
+    passphrase = _passphrase(passphrase_file, recall=True, user=user)
     backup = _other_secret(backup_passphrase_file, "backup passphrase", "--backup-passphrase-file")
     info = _call(service.export_keys, _home(), user, passphrase, dst, backup)
     console.print(f"wrote the keys of {escape(info['user'])} to {escape(str(dst))}", soft_wrap=True)
@@ -424,7 +445,7 @@ def keys_rotate(
     """Make a fresh RGAN key the active one; older keys stay, so older photos still recover."""
     from . import service
 
-    passphrase = _passphrase(passphrase_file)
+    passphrase = _passphrase(passphrase_file, recall=True, user=user)
     info = _call(service.rotate_key, _home(), user, passphrase)
     console.print(f"user {escape(info['user'])}: new active key {info['active_key_id']} "
                   f"({len(info['rgan_keys'])} keys kept)")
@@ -440,10 +461,122 @@ def keys_change_passphrase(
     """Re-encrypt a user's keys under a new passphrase."""
     from . import service
 
-    old = _passphrase(passphrase_file, "current passphrase")
+    old = _passphrase(passphrase_file, "current passphrase", recall=True, user=user)
     new = _other_secret(new_passphrase_file, "new passphrase", "--new-passphrase-file")
     info = _call(service.change_passphrase, _home(), user, old, new)
     console.print(f"changed the passphrase of user {escape(info['user'])}")
+
+
+@keys_app.command("remember")
+def keys_remember(
+    user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
+) -> None:
+    """Store a user's passphrase in the OS keyring, so that commands unlock without asking.
+
+    The passphrase is checked against the key file first. $AGENT_PASSPHRASE and --passphrase-file
+    still win over the keyring; `agent keys forget` removes it."""
+    from . import keys, service
+
+    passphrase = _passphrase(passphrase_file)
+    name = _call(service.resolve_user, _home(), user)
+    _call(keys.remember_passphrase, keys.key_store(_home()), name, passphrase)
+    console.print(f"the OS keyring now holds the passphrase of user {escape(name)}")
+
+
+@keys_app.command("forget")
+def keys_forget(user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP)) -> None:
+    """Remove a user's passphrase from the OS keyring (also for a user whose keys are gone)."""
+    from . import keys, service
+
+    # a removed user no longer resolves, but may still have a passphrase stored
+    name = _call(keys.check_user, user) if user is not None else _call(service.resolve_user, _home(), None)
+    if _call(keys.forget_passphrase, keys.key_store(_home()), name):
+        console.print(f"removed the passphrase of user {escape(name)} from the OS keyring")
+    else:
+        console.print(f"the OS keyring held no passphrase of user {escape(name)}")
+
+
+# ---- models
+
+models_app = typer.Typer(help="A user's models: the shipped default or their own, encrypted at rest with their "
+                         "data key.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+MODEL_ARGUMENT_HELP = "a model's name, the start of its SHA-256, or `default` (the shipped model)"
+
+
+@models_app.command("list")
+def models_list(
+    user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """The shipped model and the user's own; the active one protects new photos (no passphrase needed)."""
+    from . import models
+
+    listing = _call(models.list_models, _home(), user)
+    if as_json:
+        _echo_json(listing)
+        return
+    table = Table(title="models")
+    for column in ("", "name", "SHA-256", "created", "size", "report"):
+        table.add_column(column, overflow="fold")
+    for model in listing:
+        size = "[red]file missing[/red]" if model["size"] is None else f"{model['size'] / 1024:.0f} KiB"
+        table.add_row("active" if model["active"] else "", escape(model["name"]), model["sha256"][:12],
+                      model["created"] or "", size, escape(model["summary"]))
+    console.print(table)
+
+
+@models_app.command("use")
+def models_use(
+    name: str = typer.Argument(..., help=MODEL_ARGUMENT_HELP),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
+) -> None:
+    """Protect new photos with this model; photos protected before still recover with theirs."""
+    from . import models
+
+    info = _call(models.use_model, _home(), user, name)
+    console.print(f"user {escape(info['user'])} now protects with model {escape(info['name'])} "
+                  f"({info['sha256'][:16]})", soft_wrap=True)
+
+
+@models_app.command("export")
+def models_export(
+    name: str = typer.Argument(..., help=MODEL_ARGUMENT_HELP),
+    dst: Path = typer.Argument(..., help="the model file (safetensors) to write"),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing file"),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
+) -> None:
+    """Write a model decrypted, as the safetensors file it was imported from."""
+    from . import models
+
+    passphrase = _passphrase(passphrase_file, recall=True, user=user)
+    info = _call(models.export_model, _home(), user, passphrase, name, dst, overwrite=overwrite)
+    console.print(f"wrote model {escape(info['name'])} ({info['sha256'][:16]}) to {escape(info['file'])}",
+                  soft_wrap=True)
+
+
+@models_app.command("import")
+def models_import(
+    src: Path = typer.Argument(..., help="a model file (safetensors) from `agent train` or `agent models export`"),
+    name: Optional[str] = typer.Option(None, "--name", help="what to call it [default: the file's name]"),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
+) -> None:
+    """Add a model of your own, stored encrypted with your data key; `agent models use` activates it.
+
+    Only keyed rgan-agent model files in safetensors are accepted, never pickles (.pt, .pth)."""
+    from . import models
+
+    passphrase = _passphrase(passphrase_file, recall=True, user=user)
+    info = _call(models.import_model, _home(), user, passphrase, src, name)
+    if info["imported"]:
+        console.print(f"imported model {escape(info['name'])} ({info['sha256'][:16]}); protect with it after "
+                      f"`agent models use {escape(info['name'])}`", soft_wrap=True)
+    else:
+        console.print(f"already imported as model {escape(info['name'])} ({info['sha256'][:16]})", soft_wrap=True)
 
 
 # ---- protect, recover, check
@@ -472,7 +605,7 @@ def protect(
         options = ProtectOptions(max_side=max_side or None)
     except ValueError as error:
         fail(f"--max-side: {error}")
-    passphrase = _passphrase(passphrase_file)
+    passphrase = _passphrase(passphrase_file, recall=True, user=user)
     with _progress("protecting") as on_progress:
         results = _call(service.protect_paths, _home(), user, passphrase, paths, out, options,
                         overwrite=overwrite, on_progress=on_progress)
@@ -506,7 +639,7 @@ def recover(
     is found too) and uses the key of the user who protected it."""
     from . import service
 
-    passphrase = _passphrase(passphrase_file)
+    passphrase = _passphrase(passphrase_file, recall=True, user=user)
     with _progress("recovering") as on_progress:
         results = _call(service.recover_paths, _home(), images, out, passphrase, user, overwrite=overwrite,
                         on_progress=on_progress)
@@ -626,6 +759,243 @@ def log_verify(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) ->
             console.print(escape(line), soft_wrap=True, style=None if report.ok else "red")
     if not report.ok:
         raise typer.Exit(1)
+
+
+
+# ---- the local service for the browser extension, and pairing it
+
+@app.command()
+def serve(
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535,
+                                       help="the loopback port [default: $AGENT_PORT, else 47830]"),
+    host_check: Optional[list[str]] = typer.Option(None, "--host-check", metavar="NAME",
+                                                   help="also accept this name in the Host header: a loopback "
+                                                   "alias from /etc/hosts (127.0.0.1, localhost and [::1] always "
+                                                   "are); repeatable"),
+    workers: int = typer.Option(1, "--workers", min=1, help="photos protected at once"),
+    queue: int = typer.Option(4, "--queue", min=0, help="photos that may wait for a worker; more get 503 and "
+                              "Retry-After"),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
+) -> None:
+    """Serve the browser extension on 127.0.0.1 and ::1 until Ctrl-C or SIGTERM.
+
+    The user's keys are unlocked once, now, and held only in this process's memory. Pair the
+    extension with `agent pair`. One JSON log line per request goes to stderr."""
+    import logging
+
+    from . import server
+
+    try:
+        options = server.ServerOptions(workers=workers, queue=queue, hosts=tuple(host_check or ()))
+    except ValueError as error:
+        fail(str(error))
+    passphrase = _passphrase(passphrase_file, recall=True, user=user)
+    # the service's own lines (one per request) and other libraries' warnings, not their chatter
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger(server.log.name).setLevel(logging.INFO)
+
+    def on_ready(urls: list[str]) -> None:
+        err_console.print(f"agent serving on {', '.join(urls)}; pair the extension with `agent pair`", soft_wrap=True)
+
+    _call(server.serve, _home(), user, passphrase, port=port, options=options, on_ready=on_ready)
+
+
+@app.command()
+def pair(
+    list_tokens: bool = typer.Option(False, "--list", help="list the paired extensions instead"),
+    revoke: Optional[str] = typer.Option(None, "--revoke", metavar="ID", help="revoke the token with this id "
+                                         "(from --list); at once, also for a running `agent serve`"),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Print a one-time code that pairs the browser extension with `agent serve`.
+
+    Type it into the extension's options within 5 minutes. The extension then holds a token,
+    which `--list` shows and `--revoke ID` cancels. Making a code needs the passphrase."""
+    from . import pairing
+
+    if list_tokens and revoke is not None:
+        fail("--list and --revoke do one thing each; pass one of them")
+    if list_tokens:
+        tokens = _call(pairing.tokens_of, _home(), user)
+        if as_json:
+            _echo_json([t.to_dict() for t in tokens])
+            return
+        if not tokens:
+            console.print("no extension is paired: run `agent pair` and type the code into the extension")
+            return
+        table = Table(title="paired extensions")
+        for column in ("id", "user", "extension", "label", "paired", "last used", "revoked"):
+            table.add_column(column, overflow="fold")
+        for t in tokens:
+            table.add_row(t.id, t.user, t.origin or "", t.label or "", t.created[:19].replace("T", " "),
+                          (t.last_used or "")[:19].replace("T", " "), (t.revoked or "")[:19].replace("T", " "))
+        console.print(table)
+        return
+    if revoke is not None:
+        info = _call(pairing.revoke, _home(), revoke)
+        if as_json:
+            _echo_json(info.to_dict())
+        else:
+            console.print(f"revoked token {info.id} ({escape(info.origin or 'no origin')}, user {escape(info.user)})",
+                          soft_wrap=True)
+        return
+    passphrase = _passphrase(passphrase_file, recall=True, user=user)
+    code = _call(pairing.create_code_for, _home(), user, passphrase)
+    if as_json:
+        _echo_json({"code": code.code, "user": code.user, "expires": code.expires})
+        return
+    console.print(f"pairing code for user [bold]{escape(code.user)}[/bold]: [bold]{code.code}[/bold]")
+    console.print(f"type it into the extension's options; it works once, until {code.expires[:19].replace('T', ' ')} "
+                  "UTC", soft_wrap=True)
+
+
+# ---- fine-tuning in the background: jobs and the worker
+
+@models_app.command("finetune")
+def models_finetune(
+    images: list[Path] = typer.Option(..., "--images", help="a folder of your photos (JPEG, PNG), searched "
+                                      "recursively; repeatable", show_default=False),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="[default: 3 on the CPU, 20 on CUDA]"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="processes training data-parallel (torchrun): GPUs with "
+                              "cuda, CPU processes with cpu"),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Queue a job that adapts the default model to your photos; `agent worker` runs it.
+
+    One photo in ten is held out: the new model becomes active only if, on those, it fools
+    MobileNetV2 and keeps quality at least as well as the default; otherwise it is kept inactive
+    with its report (`agent jobs show ID`)."""
+    from . import jobs
+
+    job = _call(jobs.submit_finetune, _home(), user, images, epochs=epochs, device=device, nproc=nproc)
+    if as_json:
+        _echo_json(job)
+        return
+    typer.echo(job["id"])
+    params = job["params"]
+    err_console.print(f"queued job {job['id']} for user {escape(job['user'])}: {params['epochs']} epochs on "
+                      f"{params['device']} ({params['nproc']} process{'es' if params['nproc'] > 1 else ''}); "
+                      "run `agent worker` to start it, `agent jobs show ID` to follow it", soft_wrap=True)
+
+
+jobs_app = typer.Typer(help="Background jobs (fine-tuning): list, show, cancel.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+def _job_status(job: dict) -> str:
+    progress = job["progress"] or {}
+    if job["state"] != "running":
+        return ""
+    if progress.get("phase") != "training":
+        return progress.get("phase", "starting")
+    eta = progress.get("eta_seconds")
+    text = f"epoch {progress['epoch']}/{progress['epochs']}, step {progress['step']}/{progress['steps']}"
+    return text + (f", ETA {eta / 60:.1f} min" if eta is not None else "")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    user: Optional[str] = typer.Option(None, "--user", "-u", help="only this user's jobs [default: everyone's]"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Every job, newest first, with its state and progress."""
+    from . import jobs
+
+    listing = _call(jobs.list_jobs, _home(), user)
+    if as_json:
+        _echo_json(listing)
+        return
+    if not listing:
+        console.print("no jobs: `agent models finetune --images DIR` queues one")
+        return
+    table = Table(title="jobs")
+    for column in ("id", "user", "state", "created", "progress", "result"):
+        table.add_column(column, overflow="fold")
+    for job in listing:
+        result = job["result"] or {}
+        outcome = f"{result['model']} ({'active' if result['active'] else 'inactive'})" if result else \
+            (job["error"] or "")
+        table.add_row(str(job["id"]), escape(job["user"]), job["state"], job["created"], _job_status(job),
+                      escape(outcome))
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: int = typer.Argument(..., metavar="ID"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """One job: its parameters, progress (epoch, losses, ETA) and result or error."""
+    from . import jobs
+
+    job = _call(jobs.show_job, _home(), job_id)
+    if as_json:
+        _echo_json(job)
+        return
+    console.print(f"job {job['id']} of user [bold]{escape(job['user'])}[/bold]: [bold]{job['state']}[/bold] "
+                  f"(created {job['created']}, started {job['started'] or '-'}, finished {job['finished'] or '-'})",
+                  soft_wrap=True)
+    params = job["params"]
+    console.print(f"photos in {escape(', '.join(params['images']))}; {params['epochs']} epochs on {params['device']} "
+                  f"x{params['nproc']}, {params['crop']}-px crops, batch {params['batch_size']}", soft_wrap=True)
+    progress = job["progress"] or {}
+    if _job_status(job):
+        console.print(_job_status(job))
+    if progress.get("losses"):
+        console.print("losses: " + " ".join(f"{name}={value:.3f}" for name, value in progress["losses"].items()),
+                      soft_wrap=True)
+    if job["error"]:
+        err_console.print(f"[red]error:[/red] {escape(job['error'])}", soft_wrap=True)
+    result = job["result"]
+    if result:
+        report = result["report"]
+        table = Table(title=f"held-out photos ({report['holdout_photos']})")
+        for column in ("", "ASR", "PSNR protected", "PSNR recovered", "PSNR wrong key"):
+            table.add_column(column, justify="right")
+        for label, figures in (("default", report["default"]), (escape(result["model"]), report["finetuned"])):
+            table.add_row(label, f"{100 * figures['asr']:.1f}%", f"{figures['psnr_adv']:.2f} dB",
+                          f"{figures['psnr_rec']:.2f} dB", f"{figures['psnr_rec_wrong_key']:.2f} dB")
+        console.print(table)
+        if result["active"]:
+            console.print(f"model {escape(result['model'])} is now active", soft_wrap=True)
+        else:
+            console.print(f"model {escape(result['model'])} was stored inactive: "
+                          f"{escape('; '.join(report['reasons']))}", soft_wrap=True)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int = typer.Argument(..., metavar="ID")) -> None:
+    """Cancel a queued job, or a running one at its next training step."""
+    from . import jobs
+
+    job = _call(jobs.cancel_job, _home(), job_id)
+    console.print(f"cancelled job {job['id']}")
+
+
+@app.command()
+def worker(
+    once: bool = typer.Option(False, "--once", help="run at most one job, then exit"),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
+    passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
+) -> None:
+    """Run the user's queued jobs one at a time until Ctrl-C or SIGTERM.
+
+    The passphrase is asked once, now: results are stored encrypted with the user's data key. A
+    stop leaves the running job's checkpoint and puts it back in the queue; the next worker
+    resumes it."""
+    from . import jobs
+
+    passphrase = _passphrase(passphrase_file, recall=True, user=user)
+
+    def on_event(message: str) -> None:
+        err_console.print(message, soft_wrap=True)
+
+    _call(jobs.run_worker, _home(), user, passphrase, once=once, on_event=on_event)
 
 
 if __name__ == "__main__":

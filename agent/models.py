@@ -165,6 +165,15 @@ def active_model(session, home: Path, keys: UserKeys) -> tuple[prov.ModelRow, RG
     return row, load_model(home, keys, row)
 
 
+def active_model_info(session, user: str) -> dict[str, str]:
+    """Name and SHA-256 of the model `user` protects with, without loading it (for a status)."""
+    user_row = _user_row(session, user)
+    row = None if user_row.active_model_id is None else session.get(prov.ModelRow, user_row.active_model_id)
+    if row is None:
+        return {"name": DEFAULT, "sha256": service._default_model_sha256()}
+    return {"name": row.name, "sha256": row.sha256}
+
+
 def model_with_sha256(session, home: Path, keys: UserKeys, sha256: str) -> RGAN:
     """The model whose plaintext file has this SHA-256, as a protection record names it: the shipped
     default or one of `keys.user`'s own."""

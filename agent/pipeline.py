@@ -227,6 +227,11 @@ def read_image(path: Path) -> np.ndarray:
     return _read_image(Path(path))[0]
 
 
+def decode_image(data: bytes, name: str = "the image") -> np.ndarray:
+    """`read_image` for a file's bytes already in memory; `name` is what error messages call it."""
+    return _decode_image(bytes(data), name)[0]
+
+
 def write_image(pixels: np.ndarray, dst: Path, quality: int = 95) -> None:
     """Writes (H, W[, C]) pixels atomically, in the format of dst's suffix."""
     _write_image(pixels if pixels.ndim == 3 else pixels[:, :, None], Path(dst), quality, None)
@@ -380,24 +385,32 @@ def _check_format(dst: Path, quality: int) -> str:
 def _read_image(path: Path) -> tuple[np.ndarray, bytes | None]:
     """The image's pixels the right way up, as (H, W, C) uint8 or uint16, and its ICC profile."""
     try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such image: {path}") from None
+    except OSError as error:
+        raise ValueError(f"{path} is not an image that can be read ({error})") from None
+    return _decode_image(data, str(path))
+
+
+def _decode_image(data: bytes, name: str) -> tuple[np.ndarray, bytes | None]:
+    try:
         with warnings.catch_warnings():
             # MAX_PIXELS is checked below, before any pixel is decoded
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 if image.width * image.height > MAX_PIXELS:
-                    raise ValueError(f"{path} has {image.width}×{image.height} pixels; at most "
+                    raise ValueError(f"{name} has {image.width}×{image.height} pixels; at most "
                                      f"{MAX_PIXELS:,} are accepted")
                 icc = image.info.get("icc_profile")
-                if image.format == "PNG" and _png_bit_depth(path) == 16:
-                    return _decode_png16(path), icc
-                return _pillow_array(ImageOps.exif_transpose(image), path), icc
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such image: {path}") from None
+                if image.format == "PNG" and _png_bit_depth(data) == 16:
+                    return _decode_png16(data), icc
+                return _pillow_array(ImageOps.exif_transpose(image), name), icc
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{path} is not an image that can be read ({error})") from None
+        raise ValueError(f"{name} is not an image that can be read ({error})") from None
 
 
-def _pillow_array(image: Image.Image, path: Path) -> np.ndarray:
+def _pillow_array(image: Image.Image, path: Path | str) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         return np.asarray(image).astype(np.uint16)[:, :, None]
@@ -416,14 +429,13 @@ def _pillow_array(image: Image.Image, path: Path) -> np.ndarray:
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def _png_bit_depth(path: Path) -> int:
-    with open(path, "rb") as handle:
-        header = handle.read(26)
+def _png_bit_depth(data: bytes) -> int:
+    header = data[:26]
     # signature (8), IHDR length (4) and type (4), width (4), height (4), then the bit depth
     return header[24] if len(header) == 26 and header[12:16] == b"IHDR" else 8
 
 
-def _decode_png16(path: Path) -> np.ndarray:
+def _decode_png16(data: bytes) -> np.ndarray:
     """Pillow reads 16-bit colour PNGs as 8-bit (it has no 16-bit RGB mode), which would silently
     drop the low byte the perturbation lives in; torchvision's libpng decoder keeps all 16 bits.
     Its image I/O is deprecated in favour of torchcodec, but it is pinned here and works."""
@@ -431,8 +443,8 @@ def _decode_png16(path: Path) -> np.ndarray:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        data = torch.from_numpy(np.frombuffer(Path(path).read_bytes(), dtype=np.uint8).copy())
-        decoded = decode_png(data, ImageReadMode.UNCHANGED, apply_exif_orientation=True)
+        encoded = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
+        decoded = decode_png(encoded, ImageReadMode.UNCHANGED, apply_exif_orientation=True)
     return decoded.permute(1, 2, 0).contiguous().numpy().astype(np.uint16)
 
 

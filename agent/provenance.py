@@ -16,8 +16,8 @@ Tables: `users` (name, created, Ed25519 public key, the chain head as last writt
 and the active model, NULL for the shipped default), `keys` (public parts of the RGAN keys: key id,
 user, created, active flag), `models` (name, SHA-256 of the weights, the user or NULL for the
 shipped default, encrypted flag, created, the file under `$AGENT_HOME/models`, a JSON report),
-`pairing_codes` and `tokens` (the local service's pairing, stored as SHA-256 only) and
-`protections` (the records).
+`pairing_codes` and `tokens` (the local service's pairing, stored as SHA-256 only),
+`protections` (the records) and `jobs` (background fine-tuning jobs, `agent/jobs.py`).
 
 A record
 --------
@@ -274,6 +274,32 @@ class ProtectionRow(Base):
     user: Mapped[UserRow] = relationship()
 
 
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+
+
+class JobRow(Base):
+    """A background job (`agent/jobs.py`): a user's fine-tuning run, its progress and its outcome."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint("state IN ('queued', 'running', 'done', 'failed', 'cancelled')", name="state"),
+        Index(None, "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    created: Mapped[str] = mapped_column(String(32))
+    started: Mapped[str | None] = mapped_column(String(32))
+    finished: Mapped[str | None] = mapped_column(String(32))
+    params: Mapped[str] = mapped_column(Text)  # JSON: what to train on and how
+    progress: Mapped[str | None] = mapped_column(Text)  # JSON: epoch, losses, ETA, as last reported
+    result: Mapped[str | None] = mapped_column(Text)  # JSON: the model stored and its quality report
+    error: Mapped[str | None] = mapped_column(Text)
+
+    user: Mapped[UserRow] = relationship()
+
+
 # ---------------------------------------------------------------- opening the database
 
 def database_path(home: Path) -> Path:
@@ -289,8 +315,13 @@ def open_database(path: Path, *, timeout: float = DEFAULT_TIMEOUT) -> sessionmak
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # private from the start: hashes and times of a user's photos are nobody else's business
-        # (SQLite gives the -wal and -shm files the database file's permissions)
-        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        # (SQLite gives the -wal and -shm files the database file's permissions). Never open an
+        # existing database outside SQLite: closing any descriptor of the file drops every POSIX
+        # lock this process holds on it, so another engine here (the service's) would lose its
+        # locks, and another process could checkpoint the WAL under it: a corrupt database.
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+    except FileExistsError:
+        pass
     except OSError as error:
         raise ProvenanceError(f"cannot open the provenance database {path}: {error.strerror}") from None
     engine = make_engine(path, timeout)
@@ -1054,7 +1085,7 @@ def _now() -> datetime:
 
 
 __all__ = [
-    "Base", "ChainHead", "DatabaseLockedError", "KeyRow", "ModelRow", "PHASH_MAX_DISTANCE", "Problem",
+    "Base", "ChainHead", "DatabaseLockedError", "JobRow", "KeyRow", "ModelRow", "PHASH_MAX_DISTANCE", "Problem",
     "ProtectionRow", "ProvenanceError", "Record", "UserRow", "VerifyReport", "WRITE_OPTIONS",
     "canonical", "chain_head", "database_path", "decrypt_record", "file_sha256", "find_by_phash",
     "find_by_sha256", "list_records", "make_engine", "migrate", "open_database", "perceptual_hash",

@@ -43,6 +43,7 @@ from sqlalchemy import func, select
 
 from . import keys as keystore
 from . import pipeline
+from . import models
 from . import provenance as prov
 from .atomic import atomic_path
 from .keys import KeyStoreError, UserKeys
@@ -106,6 +107,14 @@ class ServiceError(Exception):
 
 class AgentBusyError(ServiceError):
     """Another agent process is writing to the same home."""
+
+
+class ImageError(ServiceError):
+    """The bytes given are not an image the agent can protect (unreadable, unsupported, animated)."""
+
+
+class TooManyPixelsError(ImageError):
+    """An image above the pixel limit: a decompression bomb, or more than a photo needs."""
 
 
 USER_ERRORS = (ServiceError, KeyStoreError, ProvenanceError)
@@ -446,9 +455,9 @@ class _Source:
     lossless: bool  # WebP: lossless (VP8L) rather than lossy
 
 
-def _inspect(path: Path, data: bytes) -> _Source:
-    """Format, metadata and quality of an image file; a ServiceError for anything not a still image
-    in a supported format."""
+def _inspect(path: Path | str, data: bytes, max_pixels: int = pipeline.MAX_PIXELS) -> _Source:
+    """Format, metadata and quality of an image file (`path` names it in messages); an ImageError
+    for anything not a still image in a supported format of at most `max_pixels`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -457,13 +466,13 @@ def _inspect(path: Path, data: bytes) -> _Source:
                 if fmt == "MPO":  # a JPEG with extra pictures (stereo, depth): the first is the photo
                     fmt = "JPEG"
                 if fmt not in FORMAT_SUFFIXES or (fmt == "HEIF" and not HEIF_SUPPORTED):
-                    raise ServiceError(f"{path}: {fmt or 'this'} images are not supported "
-                                       "(JPEG, PNG, WebP and HEIC are)")
-                if image.width * image.height > pipeline.MAX_PIXELS:
-                    raise ServiceError(f"{path} has {image.width}×{image.height} pixels; at most "
-                                       f"{pipeline.MAX_PIXELS:,} are accepted")
+                    raise ImageError(f"{path}: {fmt or 'this'} images are not supported "
+                                     "(JPEG, PNG, WebP and HEIC are)")
+                if image.width * image.height > max_pixels:
+                    raise TooManyPixelsError(f"{path} has {image.width}×{image.height} pixels; at most "
+                                             f"{max_pixels:,} are accepted")
                 if getattr(image, "n_frames", 1) > 1 and fmt != "JPEG":
-                    raise ServiceError(f"{path}: animated or multi-image files are not supported")
+                    raise ImageError(f"{path}: animated or multi-image files are not supported")
                 quality = estimate_jpeg_quality(image.quantization) \
                     if fmt == "JPEG" and getattr(image, "quantization", None) else None
                 exif = image.getexif()
@@ -474,9 +483,11 @@ def _inspect(path: Path, data: bytes) -> _Source:
     except UnidentifiedImageError:
         what = "an empty file, not an image" if not data else \
             "not an image the agent can read (JPEG, PNG, WebP and HEIC are)"
-        raise ServiceError(f"{path}: {what}") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ServiceError(f"{path}: not an image the agent can read ({error})") from None
+        raise ImageError(f"{path}: {what}") from None
+    except Image.DecompressionBombError:  # so many pixels that Pillow refuses even to open it
+        raise TooManyPixelsError(f"{path} has more pixels than the {max_pixels:,} accepted") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"{path}: not an image the agent can read ({error})") from None
 
 
 def estimate_jpeg_quality(tables: Mapping[int, Sequence[int]]) -> int:
@@ -658,13 +669,13 @@ def protect_paths(home: Path, user: str | None, passphrase: str, paths: Sequence
     results: list[ProtectResult] = []
     with home_lock(home), _database(home, create=True) as factory:
         with factory.begin() as session:
-            model_row = _register_default_model(session)
+            model_row, model = models.active_model(session, home, keys)
         for job in jobs:
             if job.error is not None:
                 result = ProtectResult(job.source, error=job.error)
             else:
                 try:
-                    result = _protect_one(factory, keys, model_row, job, options, source, overwrite)
+                    result = _protect_one(factory, keys, model_row, model, job, options, source, overwrite)
                 except DatabaseLockedError:
                     raise
                 except (ServiceError, KeyStoreError, ProvenanceError) as error:
@@ -675,7 +686,7 @@ def protect_paths(home: Path, user: str | None, passphrase: str, paths: Sequence
     return results
 
 
-def _protect_one(factory, keys: UserKeys, model_row, job: _Job, options: ProtectOptions, source: str,
+def _protect_one(factory, keys: UserKeys, model_row, model, job: _Job, options: ProtectOptions, source: str,
                  overwrite: bool) -> ProtectResult:
     src = job.source
     data = _read_bytes(src)
@@ -684,9 +695,50 @@ def _protect_one(factory, keys: UserKeys, model_row, job: _Job, options: Protect
     if dst.suffix.lower() not in FORMAT_SUFFIXES[facts.format]:  # the suffix lied about the content
         dst = dst.with_name(_output_name(src, facts.format, PROTECTED_TAG))
     _check_output(src, dst, overwrite)
+    done = _protect_data(keys, model_row, model, data, facts, str(src), options)
+    written = False
     try:
-        pixels = pipeline.read_image(src)
-        protected, info = pipeline.protect(pixels, keys.active_rgan_key.key, options)
+        with factory.begin() as session:
+            record = done.record(session, keys, model_row, source, src.name)
+            _write_output(dst, done.data, overwrite)
+            written = True
+    except BaseException:
+        if written:  # the log refused the record at commit: an output without its record goes too
+            dst.unlink(missing_ok=True)
+        raise
+    return ProtectResult(src, dst, None, record.id, facts.format, done.quality, done.info.original_size,
+                         done.info.working_size, done.psnr, done.exif_removed)
+
+
+@dataclass(frozen=True)
+class _Protected:
+    """An image protected and encoded in its original's format, with what its record holds."""
+
+    original: bytes
+    data: bytes
+    info: ProtectInfo
+    quality: int | None
+    psnr: float
+    exif_removed: tuple[str, ...]
+    params: dict[str, Any]
+
+    def record(self, session, keys: UserKeys, model_row, source: str, file_name: str | None,
+               site: str | None = None) -> prov.Record:
+        return prov.record_protection(session, keys, original=self.original, protected=self.data, info=self.info,
+                                      model=model_row, source=source, file_name=file_name, site=site,
+                                      params=self.params, psnr=self.psnr)
+
+
+def _protect_data(keys: UserKeys, model_row, model, data: bytes, facts: _Source, name: str,
+                  options: ProtectOptions) -> _Protected:
+    """What files and uploads share: decode `data` (already `_inspect`ed), protect it with the
+    user's active key and model, encode it as the original was (format, quality, cleaned EXIF, ICC)."""
+    try:
+        pixels = pipeline.decode_image(data, name)
+    except ValueError as error:
+        raise ImageError(str(error)) from None
+    try:
+        protected, info = pipeline.protect(pixels, keys.active_rgan_key.key, options, model)
     except (ValueError, FileNotFoundError) as error:
         raise ServiceError(str(error)) from None
     quality = max(MIN_JPEG_QUALITY, facts.quality or 0) if facts.format == "JPEG" else \
@@ -704,23 +756,49 @@ def _protect_one(factory, keys: UserKeys, model_row, job: _Job, options: Protect
         "tile": options.tile,
         "overlap": options.overlap,
         "tile_above": options.tile_above,
-        "model": DEFAULT_MODEL_NAME,
+        "model": model_row.name,
         "exif_removed": list(removed),
     }
-    written = False
-    try:
+    return _Protected(data, encoded, info, quality, psnr, removed, params)
+
+
+@dataclass(frozen=True)
+class ProtectedImage:
+    """What `protect_bytes` gives back: the protected file's bytes (in the original's format) and
+    its record."""
+
+    data: bytes
+    format: str
+    record_id: str
+    quality: int | None
+    original_size: tuple[int, int]
+    working_size: tuple[int, int]
+    psnr: float
+    exif_removed: tuple[str, ...]
+
+
+def protect_bytes(home: Path, keys: UserKeys, data: bytes, *, file_name: str | None = None,
+                  site: str | None = None, options: ProtectOptions | None = None, source: str = "extension",
+                  max_pixels: int = pipeline.MAX_PIXELS) -> ProtectedImage:
+    """Protects one image held in memory (an upload the browser extension hands the local service)
+    with the active key of the unlocked user `keys`, and logs its signed record (`file_name` and
+    `site`, the page's origin, encrypted in it). Same format and metadata policy as `protect_paths`.
+
+    Bad bytes raise an `ImageError` (`TooManyPixelsError` above `max_pixels`) before any model
+    runs. The home's lock is held only while the record is appended, not during inference, so an
+    `AgentBusyError` means another process is writing (a batch of `agent protect`)."""
+    home = Path(home)
+    options = ProtectOptions() if options is None else options
+    name = file_name or "the upload"
+    facts = _inspect(name, data, max_pixels)
+    with _database(home) as factory:
         with factory.begin() as session:
-            record = prov.record_protection(session, keys, original=data, protected=encoded, info=info,
-                                            model=model_row, source=source, file_name=src.name, params=params,
-                                            psnr=psnr)
-            _write_output(dst, encoded, overwrite)
-            written = True
-    except BaseException:
-        if written:  # the log refused the record at commit: an output without its record goes too
-            dst.unlink(missing_ok=True)
-        raise
-    return ProtectResult(src, dst, None, record.id, facts.format, quality, info.original_size, info.working_size,
-                         psnr, removed)
+            model_row, model = models.active_model(session, home, keys)
+        done = _protect_data(keys, model_row, model, data, facts, name, options)
+        with home_lock(home), factory.begin() as session:
+            record = done.record(session, keys, model_row, source, file_name, site)
+    return ProtectedImage(done.data, facts.format, record.id, done.quality, done.info.original_size,
+                          done.info.working_size, done.psnr, done.exif_removed)
 
 
 # ---------------------------------------------------------------- recover
@@ -789,7 +867,6 @@ def recover_paths(home: Path, paths: Sequence[Path], out_dir: Path | None = None
             raise found
         return found
 
-    model_sha = _default_model_sha256()
     results: list[RecoverResult] = []
     with _database(home) as factory:
         for job in jobs:
@@ -797,7 +874,7 @@ def recover_paths(home: Path, paths: Sequence[Path], out_dir: Path | None = None
                 result = RecoverResult(job.source, error=job.error)
             else:
                 try:
-                    result = _recover_one(factory, keys_of, model_sha, job, user, overwrite)
+                    result = _recover_one(home, factory, keys_of, job, user, overwrite)
                 except DatabaseLockedError:
                     raise
                 except (ServiceError, KeyStoreError, ProvenanceError) as error:
@@ -836,7 +913,7 @@ def _find(session, data: bytes, path: Path, user: str | None = None) -> _Match:
     return _Match(None, None, None)
 
 
-def _recover_one(factory, keys_of: Callable[[str], UserKeys], model_sha: str, job: _Job, user: str | None,
+def _recover_one(home: Path, factory, keys_of: Callable[[str], UserKeys], job: _Job, user: str | None,
                  overwrite: bool) -> RecoverResult:
     src, dst = job.source, job.output
     data = _read_bytes(src)
@@ -855,10 +932,9 @@ def _recover_one(factory, keys_of: Callable[[str], UserKeys], model_sha: str, jo
         raise ServiceError(str(error)) from None
     if match.record is not None:
         record = match.record
-        if record.model_sha256 != model_sha:
-            raise ServiceError(f"{src} was protected with a model this agent does not have (SHA-256 "
-                               f"{record.model_sha256[:16]}…, record {record.id}); install that agent version")
         keys = keys_of(record.user)
+        with factory() as session:
+            model = models.model_with_sha256(session, home, keys, record.model_sha256)
         key = keys.key_for(record.rgan_key_id)
         try:
             info = ProtectInfo.from_dict(record.params["protect_info"])
@@ -876,6 +952,8 @@ def _recover_one(factory, keys_of: Callable[[str], UserKeys], model_sha: str, jo
         owner, matched_by, distance, record_id = record.user, match.matched_by, match.distance, record.id
     elif user is not None:
         keys = keys_of(user)
+        with factory.begin() as session:
+            _, model = models.active_model(session, home, keys)
         key, info = keys.active_rgan_key.key, None
         owner, matched_by, distance, record_id = user, "user", None, None
         note = (f"no record of this image: recovered with {user!r}'s active key, which is right only if "
@@ -885,7 +963,7 @@ def _recover_one(factory, keys_of: Callable[[str], UserKeys], model_sha: str, jo
                            "look-alike): it was not protected here, or it was cropped, rotated or filtered; "
                            "pass --user NAME to try that user's key anyway")
     try:
-        recovered = pipeline.recover(pixels, key, info)
+        recovered = pipeline.recover(pixels, key, info, model)
     except ValueError as error:
         raise ServiceError(f"{src}: {error}") from None
     exif, _ = clean_exif(facts.exif, (recovered.shape[1], recovered.shape[0]))
@@ -1015,10 +1093,13 @@ __all__ = [
     "USER_ERRORS",
     "AgentBusyError",
     "CheckResult",
+    "ImageError",
     "LogListing",
     "ProtectResult",
+    "ProtectedImage",
     "RecoverResult",
     "ServiceError",
+    "TooManyPixelsError",
     "add_user",
     "change_passphrase",
     "check_image",
@@ -1032,6 +1113,7 @@ __all__ = [
     "init_user",
     "list_users",
     "log_records",
+    "protect_bytes",
     "protect_paths",
     "recover_paths",
     "remove_user",

@@ -17,8 +17,13 @@
 
   const IMAGE_NAME = /\.(jpe?g|png|webp|heic|heif|avif|bmp|tiff?|gif)$/i;
   // Files that came out of (or were let through by) the agent, and the events we dispatch
-  // ourselves: neither is intercepted twice.
+  // ourselves: neither is intercepted twice. A DataTransfer hands out new File objects for the
+  // files put in it, so files are also known by a fingerprint of their bytes.
   const ours = new WeakSet();
+  const fingerprints = new Set();
+  // an original the user let through is let through for the upload under way, not for good
+  const allowedUntil = new Map();
+  const ALLOW_FOR_MS = 60_000;
   const pendingInputs = new WeakMap();
 
   // A private channel to bridge.js: the first hello a content script sees is this one, because
@@ -52,14 +57,41 @@
     return !value.type && value instanceof File && IMAGE_NAME.test(value.name);
   }
 
+  // Not cryptographic (crypto.subtle exists only on https pages): it tells our own outputs apart
+  // from other photos, and a page that wanted to send an original could do so anyway.
+  async function fingerprint(blob) {
+    const bytes = new Uint8Array(await blob.arrayBuffer());
+    let fnv = 0x811c9dc5;
+    let djb = 5381;
+    for (let i = 0; i < bytes.length; i++) {
+      fnv = Math.imul(fnv ^ bytes[i], 0x01000193);
+      djb = (Math.imul(djb, 33) + bytes[i]) | 0;
+    }
+    return `${bytes.length}:${fnv >>> 0}:${djb >>> 0}:${blob.type}`;
+  }
+
+  async function remember(blob, outcome) {
+    ours.add(blob);
+    const print = await fingerprint(blob);
+    if (outcome === 'protected') fingerprints.add(print);
+    else allowedUntil.set(print, Date.now() + ALLOW_FOR_MS);
+  }
+
+  function isKnown(print) {
+    return fingerprints.has(print) || (allowedUntil.get(print) ?? 0) > Date.now();
+  }
+
   // -> {outcome: 'none' | 'protected' | 'original' | 'cancel', files}
   async function protectAll(values) {
-    const photos = values.filter(isPhoto);
+    const candidates = values.filter(isPhoto);
+    const known = await Promise.all(candidates.map(async (blob) => isKnown(await fingerprint(blob))));
+    candidates.forEach((blob, i) => known[i] && ours.add(blob));
+    const photos = candidates.filter((_, i) => !known[i]);
     if (!photos.length) return {outcome: 'none', files: values};
     const reply = await ask(photos);
     if (reply.outcome === 'cancel') return {outcome: 'cancel', files: values};
     const replaced = new Map();
-    photos.forEach((photo, i) => {
+    await Promise.all(photos.map(async (photo, i) => {
       let out = photo;
       if (reply.outcome === 'protected') {
         const {blob} = reply.files[i];
@@ -68,9 +100,9 @@
           ? new File([blob], photo.name, {type, lastModified: photo.lastModified})
           : new Blob([blob], {type});
       }
-      ours.add(out);
+      await remember(out, reply.outcome);
       replaced.set(photo, out);
-    });
+    }));
     return {outcome: reply.outcome, files: values.map((value) => replaced.get(value) ?? value)};
   }
 

@@ -288,3 +288,37 @@ def test_models_commands_with_the_runner(home, mine, tmp_path):
     ):
         result = agent(*args)
         assert result.exit_code == 2 and problem in result.output, result.output
+
+
+# ---------------------------------------------------------------- protect and recover with them
+
+def halve_recoverer_output(tensors: dict) -> None:
+    last = [name for name in tensors if name.startswith("recoverer.") and name.endswith(".weight")][-1]
+    tensors[last] = tensors[last] * 0.5
+
+
+def test_protection_uses_the_active_model_and_recovery_the_one_that_protected(home, tmp_path):
+    """A user's own model protects once it is active; a record names it by SHA-256, and recovery
+    uses that model even after the user has switched back to the shipped one."""
+    variant = write_variant(tmp_path / "variant.safetensors", halve_recoverer_output)
+    variant_model, _ = models.model_from_bytes(variant.read_bytes(), "variant")
+    models.import_model(home, "alice", PW, variant, name="variant")
+    models.use_model(home, "alice", "variant")
+    photo = tmp_path / "photo.png"
+    Image.open(SAMPLE).convert("RGB").crop((0, 0, 160, 120)).save(photo)
+    [done] = service.protect_paths(home, "alice", PW, [photo], tmp_path / "out")
+    assert done.ok
+    with service._database(home) as factory, factory() as session:
+        [record] = service.prov.list_records(session)
+    assert record.model_sha256 == sha(variant.read_bytes())
+    assert record.params["model"] == "variant"
+
+    models.use_model(home, "alice", "default")
+    [back] = service.recover_paths(home, [done.output], tmp_path / "rec", PW)
+    assert back.ok
+    recovered = pipeline.read_image(back.output)
+    protected = pipeline.read_image(done.output)
+    key = alice(home).active_rgan_key.key
+    info = pipeline.ProtectInfo.from_dict(record.params["protect_info"])
+    assert np.array_equal(recovered, pipeline.recover(protected, key, info, variant_model))
+    assert not np.array_equal(recovered, pipeline.recover(protected, key, info, pipeline.default_model()))

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
-from sqlalchemy import inspect, select, text
+from sqlalchemy import inspect, text
 
 from agent import provenance as prov
-from agent.keys import UserKeys, create_user
+from agent.keys import create_user
 from agent.pipeline import ProtectInfo
 
 SAMPLE = Path(__file__).resolve().parent.parent / "agent" / "assets" / "sample.png"
@@ -89,6 +89,29 @@ def _verify(factory, users):
 # ---------------------------------------------------------------- schema
 
 
+def test_reopening_an_open_database_never_touches_its_file_outside_sqlite(tmp_path, monkeypatch):
+    """Closing any descriptor of a SQLite file drops all of this process's POSIX locks on it; the
+    service keeps one engine open while each request opens the log again, so a stray open/close
+    let another process checkpoint the WAL under it (a corrupt database, seen in the browser tests)."""
+    path = tmp_path / "log.db"
+    first = prov.open_database(path)
+    opened = []
+    real_open = os.open
+
+    def recording_open(file, *args, **kwargs):
+        fd = real_open(file, *args, **kwargs)
+        opened.append(Path(file))
+        return fd
+
+    monkeypatch.setattr(os, "open", recording_open)
+    with first() as session:
+        session.execute(text("SELECT 1 FROM users"))
+        second = prov.open_database(path)
+        second.kw["bind"].dispose()
+    first.kw["bind"].dispose()
+    assert path not in opened
+
+
 def test_migrations_create_the_schema_once_and_wal_is_on(tmp_path, users, photo):
     path = tmp_path / "fresh.sqlite3"
     first = prov.open_database(path)
@@ -107,7 +130,7 @@ def test_migrations_create_the_schema_once_and_wal_is_on(tmp_path, users, photo)
 
     again = prov.open_database(path)  # already at head: a no-op that keeps the data
     with again() as session:
-        assert session.scalar(text("SELECT version_num FROM alembic_version")) == version == "0002"
+        assert session.scalar(text("SELECT version_num FROM alembic_version")) == version == "0003"
         assert len(prov.list_records(session)) == 1
     again.kw["bind"].dispose()
 

@@ -10,19 +10,32 @@ Each step does three updates on the same batch (four for a keyed model with a ke
    above subtracts keyless_weight·L_A_mse: G is pushed to make what it adds depend on the key, so
    that only R, which has the key, can undo it.
 The target classifiers C stay frozen throughout.
+
+Data parallel (torch.distributed, e.g. under `torchrun`): when a process group is up, every process
+draws the same global batch from the (seed, epoch) generator and trains on its share of it (the
+rows `DistributedSampler` gives its rank), through the same networks wrapped in
+`DistributedDataParallel`, which averages the gradients. The global batch, and therefore the
+losses and the weights, are those of a single process up to floating-point summation order (with
+batch norm, only on CUDA, where it becomes SyncBatchNorm). Rank 0 alone writes checkpoints, the
+model and the history.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..atomic import atomic_path
@@ -52,6 +65,11 @@ class Trainer:
     schedulers: dict[str, torch.optim.lr_scheduler.StepLR]
     epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    # data parallelism: this process's rank among `world` processes, and the networks train_step
+    # runs (the same modules, behind DistributedDataParallel; see `_replicate`)
+    rank: int = 0
+    world: int = 1
+    replicas: "Replicas | None" = None
 
     @property
     def device(self) -> torch.device:
@@ -86,7 +104,41 @@ def build_trainer(config: TrainConfig, targets: list[nn.Module]) -> Trainer:
         for name, opt in optimizers.items()
     }
     targets = [t.to(device).eval() for t in targets]
-    return Trainer(config, model, discriminator, targets, attacker, optimizers, schedulers)
+    trainer = Trainer(config, model, discriminator, targets, attacker, optimizers, schedulers)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        trainer.rank, trainer.world = dist.get_rank(), dist.get_world_size()
+        trainer.replicas = _replicate(trainer)
+    return trainer
+
+
+@dataclass(frozen=True)
+class Replicas:
+    model: RGAN
+    discriminator: nn.Module
+    attacker: nn.Module | None
+
+
+def _replicate(trainer: Trainer) -> Replicas:
+    """The trainer's networks behind DistributedDataParallel. The RGAN is a shallow copy whose G, DR
+    and R are the wrapped modules, so `protect` / `recover` run through the wrappers' gradient
+    hooks while `trainer.model` keeps the plain modules (the same parameters): checkpoints and
+    model files are exactly what a single process writes."""
+    device = trainer.device
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+
+    def wrap(module: nn.Module) -> nn.Module:
+        if not any(p.requires_grad for p in module.parameters()):
+            return module  # e.g. an average-pool DR: nothing to synchronise, and DDP refuses it
+        if device.type == "cuda":
+            # per-process batch statistics would make the result depend on the number of
+            # processes; CPU (gloo) has no SyncBatchNorm
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return DistributedDataParallel(module, device_ids=ids)
+
+    model = copy.copy(trainer.model)
+    model._modules = {name: wrap(module) for name, module in trainer.model._modules.items()}
+    return Replicas(model, wrap(trainer.discriminator),
+                    None if trainer.attacker is None else wrap(trainer.attacker))
 
 
 def _autocast(trainer: Trainer):
@@ -119,6 +171,10 @@ class Channel:
             quality = torch.randint(low, high + 1, (count,), generator=generator).tolist()
         return cls(scale, quality)
 
+    def rows(self, rows: list[int]) -> "Channel":
+        """This channel for the given rows of its batch (a process's share of a global batch)."""
+        return Channel(self.scale, None if self.jpeg_quality is None else [self.jpeg_quality[i] for i in rows])
+
 
 def train_step(
     trainer: Trainer,
@@ -126,8 +182,9 @@ def train_step(
     pattern: torch.Tensor | None = None,
     channel: Channel = Channel(),
 ) -> dict[str, float]:
-    config, model, disc = trainer.config, trainer.model, trainer.discriminator
-    eps = config.model.epsilon
+    config, eps = trainer.config, trainer.config.model.epsilon
+    nets = trainer.replicas or trainer
+    model, disc, attacker = nets.model, nets.discriminator, nets.attacker
     with torch.no_grad(), _autocast(trainer):
         labels = [target(downscale(clean, channel.scale)).argmax(1) for target in trainer.targets]
 
@@ -151,8 +208,8 @@ def train_step(
         g_mse = losses.distortion(adversarial.float(), clean, eps)
         g_rec = losses.distortion(model.recover(adversarial, pattern).float(), clean, eps)
         loss_g = g_adv + config.lambda_dis * g_dis + config.lambda_mse * g_mse + config.recover_weight * g_rec
-        if trainer.attacker is not None:
-            loss_g = loss_g - config.keyless_weight * losses.distortion(trainer.attacker(adversarial).float(), clean, eps)
+        if attacker is not None:
+            loss_g = loss_g - config.keyless_weight * losses.distortion(attacker(adversarial).float(), clean, eps)
     _step(trainer.optimizers["generator"], loss_g)
 
     with _autocast(trainer):
@@ -169,9 +226,9 @@ def train_step(
 
     values = {"L_D": loss_d, "L_G_adv": g_adv, "L_G_dis": g_dis, "L_G_mse": g_mse,
               "L_R_mse": r_mse, "L_R_adv": r_adv}
-    if trainer.attacker is not None:
+    if attacker is not None:
         with _autocast(trainer):
-            values["L_A_mse"] = losses.distortion(trainer.attacker(received.detach()).float(), clean, eps)
+            values["L_A_mse"] = losses.distortion(attacker(received.detach()).float(), clean, eps)
         _step(trainer.optimizers["attacker"], values["L_A_mse"])
     return {name: value.item() for name, value in values.items()}
 
@@ -183,9 +240,32 @@ def _batch(config: TrainConfig, data: ImageSet | PhotoSet, index: torch.Tensor,
     return augment(to_float(data.images[index]), generator)
 
 
-def train_epoch(trainer: Trainer, data: ImageSet | PhotoSet, on_step=None) -> dict[str, float]:
+class TrainingStopped(Exception):
+    """`stop` asked for it between two steps: the epoch was not finished, and nothing was saved for
+    it (the last checkpoint resumes the run, which then repeats the same batches)."""
+
+
+def _shard(trainer: Trainer, count: int) -> list[int]:
+    # padded by repetition when `count` does not divide: every process must run every step
+    return list(DistributedSampler(range(count), num_replicas=trainer.world, rank=trainer.rank, shuffle=False))
+
+
+def _all_processes(trainer: Trainer, values: list[float]) -> list[float]:
+    """The sums of `values` over the processes (themselves in a single process)."""
+    if trainer.world == 1:
+        return values
+    device = trainer.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def train_epoch(trainer: Trainer, data: ImageSet | PhotoSet, on_step=None,
+                stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """One pass over `data` in an order drawn from (seed, epoch), so a resumed run repeats it.
-    A keyed model gets a fresh random key for every image of every batch."""
+    A keyed model gets a fresh random key for every image of every batch. `on_step(step, steps,
+    means)` follows the running means (over all processes); `stop()`, asked before every step
+    (and true for all processes once it is for one), ends the epoch early with `TrainingStopped`."""
     config = trainer.config
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed * 100_003 + trainer.epoch)
@@ -195,17 +275,25 @@ def train_epoch(trainer: Trainer, data: ImageSet | PhotoSet, on_step=None) -> di
     totals: dict[str, float] = {}
     steps = math.ceil(len(data) / config.batch_size)
     for step in range(steps):
+        if stop is not None and _all_processes(trainer, [float(stop())])[0]:
+            raise TrainingStopped(f"stopped in epoch {trainer.epoch + 1} before step {step + 1} of {steps}")
         index = order[step * config.batch_size : (step + 1) * config.batch_size]
+        # every process draws the whole global batch, so that the generator stays the same
+        # everywhere, and keeps its share
         batch = _batch(config, data, index, generator)
-        pattern = None
-        if config.model.keyed:
-            pattern = batch_patterns(random_keys(len(batch), generator), *batch.shape[-2:]).to(trainer.device)
+        keys = random_keys(len(batch), generator) if config.model.keyed else None
         channel = Channel.draw(config, len(batch), generator)
+        if trainer.world > 1:
+            rows = _shard(trainer, len(batch))
+            batch, channel = batch[rows], channel.rows(rows)
+            keys = None if keys is None else [keys[i] for i in rows]
+        pattern = None if keys is None else batch_patterns(keys, *batch.shape[-2:]).to(trainer.device)
         values = train_step(trainer, batch.to(trainer.device), pattern, channel)
-        for name, value in values.items():
-            totals[name] = totals.get(name, 0.0) + value
+        means = _all_processes(trainer, list(values.values()))
+        for name, value in zip(values, means):
+            totals[name] = totals.get(name, 0.0) + value / trainer.world
         if on_step:
-            on_step({name: total / (step + 1) for name, total in totals.items()})
+            on_step(step + 1, steps, {name: total / (step + 1) for name, total in totals.items()})
     for scheduler in trainer.schedulers.values():
         scheduler.step()
     trainer.epoch += 1
@@ -247,30 +335,44 @@ def train(
     out_dir: Path,
     resume: bool = True,
     show_progress: bool = True,
+    *,
+    start: RGAN | None = None,
+    on_step: Callable[[Trainer, int, int, dict[str, float]], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Trainer:
-    """Trains until `config.epochs`, checkpointing after every epoch, then writes the model."""
+    """Trains until `config.epochs`, checkpointing after every epoch, then writes the model.
+    `start`: weights to begin from (fine-tuning; a checkpoint in `out_dir` still wins). `on_step(
+    trainer, step, steps, means)` and `stop` as in `train_epoch`; a stop raises `TrainingStopped`
+    with the last epoch's checkpoint in place. Rank 0 alone writes (see the module's docstring)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(config, targets)
+    writer = trainer.rank == 0
+    if start is not None:
+        trainer.model.load_state_dict(start.state_dict())
     if resume:
         resume_trainer(trainer, out_dir)
     data = data.subset(config.train_limit)
     columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.fields[losses]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not show_progress) as progress:
+    with Progress(*columns, disable=not (show_progress and writer)) as progress:
         task = progress.add_task("train", total=config.epochs, completed=trainer.epoch,
                                  epoch=trainer.epoch, losses="")
 
-        def show(means: dict[str, float]) -> None:
+        def show(step: int, steps: int, means: dict[str, float]) -> None:
             text = " ".join(f"{name}={value:.3f}" for name, value in means.items())
             progress.update(task, losses=text)
+            if on_step:
+                on_step(trainer, step, steps, means)
 
         while trainer.epoch < config.epochs:
             progress.update(task, epoch=trainer.epoch + 1)
-            train_epoch(trainer, data, on_step=show)
-            save_trainer(trainer, out_dir)
+            train_epoch(trainer, data, on_step=show, stop=stop)
+            if writer:
+                save_trainer(trainer, out_dir)
             progress.update(task, completed=trainer.epoch)
-    save_model(trainer.model, out_dir / MODEL_NAME, extra={"config": config.to_dict(), "epochs": trainer.epoch})
-    with atomic_path(out_dir / HISTORY_NAME) as tmp:
-        tmp.write_text(json.dumps(trainer.history, indent=2))
+    if writer:
+        save_model(trainer.model, out_dir / MODEL_NAME, extra={"config": config.to_dict(), "epochs": trainer.epoch})
+        with atomic_path(out_dir / HISTORY_NAME) as tmp:
+            tmp.write_text(json.dumps(trainer.history, indent=2))
     return trainer
