@@ -176,7 +176,8 @@ PATHS = {
         document.querySelector(zone).dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true})); }""",
     "paste": """([target, file]) => { const dt = new DataTransfer(); dt.items.add(file);
         document.querySelector(target).dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true, cancelable: true})); }""",
-    "fetch": "([_, file]) => sendWithFetch(file)",
+    # not awaited: with the agent stopped, the page's fetch waits for the user's answer
+    "fetch": "([_, file]) => { sendWithFetch(file); }",
     "xhr": "([_, file]) => sendWithXhr(file)",
 }
 TARGETS = {"drop": "#zone", "paste": "#target"}
@@ -214,7 +215,7 @@ def test_other_files_pass_untouched(paired, agent, site):
     page = paired.new_page()
     page.goto(site.url("scripted"))
     text = b"not a photo\n" * 100
-    page.evaluate("([_, file]) => sendWithFetch(file)", ["", file_from_bytes(page, "notes.txt", "text/plain", text)])
+    page.evaluate(PATHS["fetch"], ["", file_from_bytes(page, "notes.txt", "text/plain", text)])
     wait_for_uploads(site, before + 1, page)
     assert site.uploads[-1].data == text
     assert len(records(agent)) == logged
@@ -233,13 +234,13 @@ def test_popup_counts_this_sites_photos(paired, site, tmp_path):
     assert "photos protected on this site" in popup.inner_text("#protected-count")
     assert popup.is_checked("#site-on")
     assert popup.inner_text("#unlocked") == "Key unlocked"
-    shot = popup.screenshot(path=str(tmp_path / "popup.png"), full_page=True)
+    shot = popup.locator("main").screenshot(path=str(tmp_path / "popup.png"))
     assert shot
     if os.environ.get("AGENT_SAVE_SCREENSHOTS"):
         (ROOT / "docs" / "extension-popup.png").write_bytes(shot)
         options = options_page(paired)
         options.wait_for_selector("#paired.good")
-        (ROOT / "docs" / "extension-options.png").write_bytes(options.screenshot(full_page=True))
+        (ROOT / "docs" / "extension-options.png").write_bytes(options.locator("main").screenshot())
     page.close()
     popup.close()
 
@@ -283,6 +284,7 @@ def test_with_the_agent_stopped_the_upload_stops_and_asks(paired, agent, site):
 
 
 def test_the_allow_option_lets_originals_through_and_the_popup_says_so(paired, agent, site):
+    agent.stop()
     options = options_page(paired)
     options.check("input[name=on-failure][value=allow]")
     options.click("#save")
