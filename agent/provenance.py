@@ -181,8 +181,9 @@ class UserRow(Base):
     # the chain head as of the last append: a tripwire for truncation, not a proof (unsigned)
     head_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     head_hash: Mapped[str | None] = mapped_column(String(64))
-    # NULL: the shipped default model
-    active_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
+    # NULL: the shipped default model. users and models refer to each other: use_alter lets the
+    # metadata order the two tables
+    active_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL", use_alter=True))
 
     keys: Mapped[list[KeyRow]] = relationship(back_populates="user", cascade="all, delete-orphan")
 
