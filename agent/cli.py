@@ -790,7 +790,19 @@ def serve(
         options = server.ServerOptions(workers=workers, queue=queue, hosts=tuple(host_check or ()))
     except ValueError as error:
         fail(str(error))
-    passphrase = _passphrase(passphrase_file, recall=True, user=user)
+    from . import service
+
+    home = _home()
+    if not _call(service.list_users, home):
+        # a fresh machine: the README's one command sets up and serves, as `agent init` would
+        user = user or service.DEFAULT_USER
+        err_console.print(f"no keys in {home} yet: creating user {user!r} (as `agent init` does)", soft_wrap=True)
+        passphrase = _passphrase(passphrase_file, f"new passphrase for user {user!r}", confirm=True)
+        _call(service.init_user, home, user, passphrase)
+        err_console.print("back the keys up: `agent keys export FILE` (without them protected photos cannot be "
+                          "recovered)", soft_wrap=True)
+    else:
+        passphrase = _passphrase(passphrase_file, recall=True, user=user)
     # the service's own lines (one per request) and other libraries' warnings, not their chatter
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger(server.log.name).setLevel(logging.INFO)
@@ -798,7 +810,7 @@ def serve(
     def on_ready(urls: list[str]) -> None:
         err_console.print(f"agent serving on {', '.join(urls)}; pair the extension with `agent pair`", soft_wrap=True)
 
-    _call(server.serve, _home(), user, passphrase, port=port, options=options, on_ready=on_ready)
+    _call(server.serve, home, user, passphrase, port=port, options=options, on_ready=on_ready)
 
 
 @app.command()

@@ -222,3 +222,28 @@ def test_agent_pair_list_and_revoke(cli, factory):
     assert done.exit_code == 2 and "no token 'nope'" in done.stderr
     done = cli.invoke(app, ["pair", "--list", "--revoke", issued.info.id])
     assert done.exit_code == 2 and "one of them" in done.stderr
+
+
+def test_agent_serve_on_a_fresh_machine_creates_the_first_user_then_serves(tmp_path, monkeypatch):
+    """The README's one set-up command ends in `agent serve`: with no keys yet it creates the
+    first user (as `agent init`), then serves with those keys unlocked."""
+    from agent import keys as keystore
+    from agent import server
+
+    served = {}
+
+    def serve(home, user, passphrase, **options):
+        name = service.resolve_user(home, user)
+        served.update(home=home, user=name, unlocks=keystore.unlock(keystore.key_store(home), name, passphrase).user)
+
+    monkeypatch.setattr(server, "serve", serve)
+    monkeypatch.setattr(keystore, "KDF_N", KDF)
+    home = tmp_path / "fresh"
+    done = CliRunner().invoke(app, ["serve"], env={"AGENT_HOME": str(home), "AGENT_PASSPHRASE": PW})
+    assert done.exit_code == 0, done.output
+    assert "creating user 'default'" in done.output
+    assert served == {"home": home, "user": "default", "unlocks": "default"}
+    assert [u["user"] for u in service.list_users(home)] == ["default"]
+    # a second start serves the user that exists, creating nobody
+    done = CliRunner().invoke(app, ["serve"], env={"AGENT_HOME": str(home), "AGENT_PASSPHRASE": PW})
+    assert done.exit_code == 0 and "creating" not in done.output
