@@ -684,6 +684,10 @@ def check(
         console.print("[yellow]not protected[/yellow]: no record of this photo in the log")
     if result.authentic is not None:
         console.print("the record verifies" if result.authentic else "[red]the record does not verify[/red]")
+    if result.protected and result.record.self_check_asr is not None:
+        now = "" if result.self_check_asr is None else f"; this copy: {result.self_check_asr:.0%}"
+        console.print(f"self-check, platform views fooled: {result.record.self_check_asr:.0%} when protected{now}",
+                      soft_wrap=True)
     for note in result.notes:
         console.print(f"note: {escape(note)}", soft_wrap=True)
 

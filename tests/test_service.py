@@ -398,7 +398,9 @@ def test_check_image_says_who_protected_it_and_when(tmp_path, photos):
     checked = service.check_image(home, result.output)
     assert checked.protected and checked.matched_by == "sha256" and checked.authentic
     assert checked.record.user == "alice" and checked.record.id == result.record_id and checked.record.time
-    assert any("self-check" in note and "not implemented" in note for note in checked.notes)
+    fooled = checked.record.params["self_check"]["fooled"]
+    assert checked.record.self_check_asr == len(fooled) / 2
+    assert checked.self_check_asr == checked.record.self_check_asr  # the very file: the same labels
     original = service.check_image(home, photos / "a.png")
     assert not original.protected and original.original_of.id == result.record_id
     stranger = service.check_image(home, photos / "c.jpg")
