@@ -23,6 +23,7 @@ Like `service`, every function takes `home` explicitly, and every error a user c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -189,8 +190,14 @@ def model_with_sha256(session, home: Path, keys: UserKeys, sha256: str) -> RGAN:
 
 
 def load_model(home: Path, keys: UserKeys, row: prov.ModelRow) -> RGAN:
-    """Decrypts one of `keys.user`'s models, checks its SHA-256 and loads it from memory."""
-    return model_from_bytes(_decrypt(home, keys, row), f"model {row.name!r}")[0]
+    """Decrypts one of `keys.user`'s models, checks its SHA-256 and loads it from memory (once per
+    process for the same plaintext: the service protects photo after photo with one model)."""
+    return _loaded(_decrypt(home, keys, row), f"model {row.name!r}")
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded(data: bytes, what: str) -> RGAN:
+    return model_from_bytes(data, what)[0]
 
 
 def model_from_bytes(data: bytes, what: str) -> tuple[RGAN, dict[str, Any]]:

@@ -322,3 +322,14 @@ def test_protection_uses_the_active_model_and_recovery_the_one_that_protected(ho
     info = pipeline.ProtectInfo.from_dict(record.params["protect_info"])
     assert np.array_equal(recovered, pipeline.recover(protected, key, info, variant_model))
     assert not np.array_equal(recovered, pipeline.recover(protected, key, info, pipeline.default_model()))
+
+
+def test_a_model_is_decrypted_and_checked_every_time_but_loaded_once(home, mine):
+    models.import_model(home, "alice", PW, mine, name="mine")
+    row = model_row(home, "alice", sha(mine.read_bytes()))
+    first = models.load_model(home, alice(home), row)
+    assert models.load_model(home, alice(home), row) is first
+    stored = home / models.MODELS_DIR / "alice" / f"{row.sha256}.enc"
+    stored.write_bytes(stored.read_bytes()[:-1] + bytes([stored.read_bytes()[-1] ^ 1]))
+    with pytest.raises(ServiceError, match="modified"):
+        models.load_model(home, alice(home), row)
