@@ -344,7 +344,7 @@ class _State:
         try:
             done = await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(
                 service.protect_bytes, self.home, self.keys, data, file_name=file_name, site=site, options=options,
-                max_pixels=self.options.max_pixels))
+                max_pixels=self.options.max_pixels, factory=self.factory))
         except service.TooManyPixelsError as error:
             raise ApiError(413, "too_many_pixels", str(error)) from None
         except service.ImageError as error:

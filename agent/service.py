@@ -784,19 +784,21 @@ class ProtectedImage:
 
 def protect_bytes(home: Path, keys: UserKeys, data: bytes, *, file_name: str | None = None,
                   site: str | None = None, options: ProtectOptions | None = None, source: str = "extension",
-                  max_pixels: int = pipeline.MAX_PIXELS) -> ProtectedImage:
+                  max_pixels: int = pipeline.MAX_PIXELS, factory=None) -> ProtectedImage:
     """Protects one image held in memory (an upload the browser extension hands the local service)
     with the active key of the unlocked user `keys`, and logs its signed record (`file_name` and
     `site`, the page's origin, encrypted in it). Same format and metadata policy as `protect_paths`.
 
     Bad bytes raise an `ImageError` (`TooManyPixelsError` above `max_pixels`) before any model
     runs. The home's lock is held only while the record is appended, not during inference, so an
-    `AgentBusyError` means another process is writing (a batch of `agent protect`)."""
+    `AgentBusyError` means another process is writing (a batch of `agent protect`). `factory`: the
+    log's session factory of a caller that keeps it open (the service), instead of opening the log
+    (and checking its migrations) for every image."""
     home = Path(home)
     options = ProtectOptions() if options is None else options
     name = file_name or "the upload"
     facts = _inspect(name, data, max_pixels)
-    with _database(home) as factory:
+    with contextlib.nullcontext(factory) if factory is not None else _database(home) as factory:
         with factory.begin() as session:
             model_row, model = models.active_model(session, home, keys)
         done = _protect_data(keys, model_row, model, data, facts, name, options)
