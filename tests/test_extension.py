@@ -122,12 +122,25 @@ def options_page(browser):
     return page
 
 
+def save(options) -> None:
+    options.click("#save")
+    options.wait_for_selector("#saved:has-text('Saved')")
+
+
+def popup_for(browser, page):
+    """The popup as a click on the toolbar button opens it: about the tab `page` is in."""
+    popup = browser.new_page()
+    popup.goto(f"chrome-extension://{browser.extension_id}/popup.html")
+    page.bring_to_front()
+    popup.reload()
+    return popup
+
+
 @pytest.fixture(scope="module")
 def paired(browser, agent):
     page = options_page(browser)
     page.fill("#agent-url", agent.url)
-    page.click("#save")
-    page.wait_for_selector("#saved:has-text('Saved')")
+    save(page)
     code = agent.run("pair", "--json")
     page.fill("#code", json.loads(code)["code"])
     page.click("#pair")
@@ -225,10 +238,7 @@ def test_other_files_pass_untouched(paired, agent, site):
 def test_popup_counts_this_sites_photos(paired, site, tmp_path):
     page = paired.new_page()
     page.goto(site.url("scripted"))
-    popup = paired.new_page()
-    popup.goto(f"chrome-extension://{paired.extension_id}/popup.html")
-    page.bring_to_front()
-    popup.reload()
+    popup = popup_for(paired, page)
     popup.wait_for_selector("#connected.good")
     assert popup.inner_text("#site") == f"http://127.0.0.1:{site.port}"
     assert "photos protected on this site" in popup.inner_text("#protected-count")
@@ -248,15 +258,14 @@ def test_popup_counts_this_sites_photos(paired, site, tmp_path):
 def test_site_switched_off_uploads_originals(paired, agent, site):
     options = options_page(paired)
     options.fill("#off-sites", f"http://127.0.0.1:{site.port}")
-    options.click("#save")
-    options.wait_for_selector("#saved:has-text('Saved')")
+    save(options)
     before = len(site.uploads)
     page = paired.new_page()
     upload(page, site, "fetch")
     wait_for_uploads(site, before + 1, page)
     assert site.uploads[-1].data == PHOTO.read_bytes()
     options.fill("#off-sites", "")
-    options.click("#save")
+    save(options)
     page.close()
     options.close()
 
@@ -287,18 +296,14 @@ def test_the_allow_option_lets_originals_through_and_the_popup_says_so(paired, a
     agent.stop()
     options = options_page(paired)
     options.check("input[name=on-failure][value=allow]")
-    options.click("#save")
-    options.wait_for_selector("#saved:has-text('Saved')")
+    save(options)
     before = len(site.uploads)
     page = paired.new_page()
     upload(page, site, "xhr")
     wait_for_uploads(site, before + 1, page)
     assert site.uploads[-1].data == PHOTO.read_bytes()
     assert page.locator("rgan-agent-notice").count() == 0
-    popup = paired.new_page()
-    popup.goto(f"chrome-extension://{paired.extension_id}/popup.html")
-    page.bring_to_front()
-    popup.reload()
+    popup = popup_for(paired, page)
     popup.wait_for_selector("#connected.bad")
     assert "went through unprotected" in popup.inner_text("#unprotected-count")
     page.close()
