@@ -137,6 +137,32 @@ def load_mobilenet_v2(path: Path | None = None) -> nn.Module:
     return freeze(Normalized(net, IMAGENET_MEAN, IMAGENET_STD))
 
 
+class _CifarResNetFeatures(nn.Module):
+    def __init__(self, net: CifarResNet):
+        super().__init__()
+        self.conv1, self.bn1, self.layer1, self.layer2 = net.conv1, net.bn1, net.layer1, net.layer2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
+
+
+def feature_extractor(classifier: nn.Module) -> nn.Module:
+    """A mid-level feature map of a classifier from `load_classifier` (its normalisation
+    included): what feature losses (NRP's self-supervised perturbations, Robust Recovery's
+    post-training) compare. Mid-level because early layers see little but texture and late ones
+    little but the class. Shares the classifier's frozen weights."""
+    if not isinstance(classifier, Normalized):
+        raise TypeError("feature_extractor takes a classifier from load_classifier")
+    net = classifier.net
+    if isinstance(net, CifarResNet):
+        body = _CifarResNetFeatures(net)  # 32 channels at half resolution
+    elif hasattr(net, "features") and isinstance(net.features, nn.Sequential):
+        body = net.features[:7]  # MobileNetV2: 32 channels at an eighth of the resolution
+    else:
+        raise TypeError(f"no feature layer is known for {type(net).__name__}")
+    return freeze(Normalized(body, tuple(classifier.mean.flatten().tolist()), tuple(classifier.std.flatten().tolist())))
+
+
 def classifier_names() -> list[str]:
     return [f"cifar-resnet{depth}" for depth in CIFAR_RESNET_DEPTHS] + ["imagenet-mobilenetv2"]
 

@@ -166,6 +166,46 @@ def evaluate(
         print_metrics(str(model), figures)
 
 
+
+@app.command("eval")
+def eval_(
+    data: Optional[list[str]] = typer.Option(None, "--data", help="photos and/or cifar10 [default: both]"),
+    out: Path = typer.Option(Path("docs/evaluation.md"), "-o", "--out",
+                             help="the report; its plots and evaluation.json go to the folder beside it"),
+    images: Optional[int] = typer.Option(None, min=1, help="held-back images per data set [default: all]"),
+    attack_images: int = typer.Option(50, min=1, help="images Table 3's DDN, PGD and C&W attack"),
+    purifier_steps: int = typer.Option(600, min=1, help="training batches per purifier"),
+    batch_size: int = typer.Option(16, min=1, help="purifiers' training batch"),
+    attack_steps: int = typer.Option(30, min=1, help="iterations of DDN and C&W"),
+    projection_steps: int = typer.Option(50, min=1, help="Defense-GAN's gradient steps per restart (L)"),
+    restarts: int = typer.Option(4, min=1, help="Defense-GAN's random restarts (R)"),
+    photo_model: Optional[Path] = typer.Option(None, help="a photo model file [default: the shipped one]"),
+    device: str = typer.Option("cpu", help="cpu or cuda, for training the purifiers"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Attack the protection: platform transforms, the attackers' purifiers (APE-GAN++, Robust
+    Recovery, NRP, Defense-GAN, input transforms), transfer and the paper's Table 3; writes a
+    report with plots."""
+    from .evaluation import EvalOptions, evaluate_and_report
+
+    check_device(device)
+    try:
+        options = EvalOptions(
+            datasets=tuple(data) if data else EvalOptions.datasets, images=images, attack_images=attack_images,
+            purifier_steps=purifier_steps, batch_size=batch_size, attack_steps=attack_steps,
+            projection_steps=projection_steps, restarts=restarts, photo_model=photo_model, device=device, seed=seed)
+        if photo_model is not None and not photo_model.is_file():
+            raise FileNotFoundError(f"no such model file: {photo_model}")
+        results = evaluate_and_report(options, out, lambda message: err_console.print(message))
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        fail(str(error))
+    for name, result in results["datasets"].items():
+        goals = result["goals"]
+        console.print(f"{name}: ASR after the strongest purifier ({goals['strongest_purifier']}) "
+                      f"{goals['asr_after_strongest']:.1%}; best attacker ({goals['best_attacker']}) "
+                      f"{goals['best_attacker_psnr']:.2f} dB; owner {goals['owner_psnr']:.2f} dB")
+    console.print(f"wrote {out}")
+
 # ---------------------------------------------------------------- the everyday commands
 #
 # State lives in $AGENT_HOME (default: the platform's data directory, see keys.agent_home). Exit

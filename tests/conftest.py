@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -23,6 +24,24 @@ def cifar_test():
     if not (shared_dir() / "data" / "cifar10").exists():
         pytest.skip("../shared is not available")
     return load_cifar10("test")
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Small tensors gain nothing from a second thread, and on a busy machine handing work between
+    two threads costs several times over; the setting is restored for the tests that follow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield
 
 
 class TinyClassifier(torch.nn.Module):

@@ -14,14 +14,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..data import PhotoSet, random_crops, to_float
+from ..data import ImageSet, PhotoSet, to_float
 from ..rgan.keying import batch_patterns, random_keys
 from ..rgan.model import RGAN, KeylessRecoverer
+from .pairs import ProtectedPairs, image_list
 
 
 def train_keyless(
     model: RGAN,
-    photos: PhotoSet,
+    photos: ImageSet | PhotoSet,
     steps: int,
     batch_size: int = 16,
     crop: int = 128,
@@ -31,7 +32,7 @@ def train_keyless(
 ) -> tuple[KeylessRecoverer, dict[str, float]]:
     """Trains the attacker for `steps` batches of fresh crops, each protected with fresh keys; the
     seed differs from the model's training seed so the attacker's keys are its own."""
-    model = model.eval()
+    pairs = ProtectedPairs(model, image_list(photos), crop)
     attacker = KeylessRecoverer(model.config)
     optimizer = torch.optim.Adam(attacker.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -39,11 +40,7 @@ def train_keyless(
     started = time.perf_counter()
     loss = torch.tensor(0.0)
     for step in range(steps):
-        index = torch.randint(0, len(photos), (batch_size,), generator=generator).tolist()
-        clean = random_crops([photos.images[i] for i in index], crop, generator)
-        pattern = batch_patterns(random_keys(batch_size, generator), crop, crop)
-        with torch.no_grad():
-            adversarial = model.protect(clean, pattern)
+        clean, adversarial = pairs.batch(batch_size, generator)
         loss = F.mse_loss(attacker(adversarial), clean)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -56,10 +53,13 @@ def train_keyless(
 
 def protect_with_unseen_keys(
     model: RGAN, images: torch.Tensor, seed: int = 12345
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Protects uint8 images with keys from a seed neither the model's training nor the attacker
-    used; returns the clean floats, the protected images and the key patterns."""
+    used; returns the clean floats, the protected images and the key patterns (None for an
+    unkeyed model, which anyone can undo with its own R)."""
     clean = to_float(images)
-    pattern = batch_patterns(random_keys(len(clean), torch.Generator().manual_seed(seed)), *clean.shape[-2:])
+    pattern = None
+    if model.config.keyed:
+        pattern = batch_patterns(random_keys(len(clean), torch.Generator().manual_seed(seed)), *clean.shape[-2:])
     with torch.no_grad():
         return clean, model.eval().protect(clean, pattern), pattern
