@@ -139,8 +139,16 @@ SOURCES = ("cli", "extension")
 PHASH_MAX_DISTANCE = 8
 DEFAULT_TIMEOUT = 30.0
 DATABASE_NAME = "provenance.sqlite3"
-# migrations/ sits beside the package (a source checkout or an editable install)
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def _migrations_dir() -> Path:
+    """migrations/ beside the package (a source checkout or an editable install), else the copy a
+    wheel carries inside it as agent/migrations (see pyproject.toml)."""
+    beside = Path(__file__).resolve().parent.parent / "migrations"
+    return beside if (beside / "env.py").is_file() else Path(__file__).resolve().parent / "migrations"
+
+
+MIGRATIONS_DIR = _migrations_dir()
 
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _AAD_LABEL = b"rgan-agent/provenance v1"
@@ -345,8 +353,7 @@ def migrate(engine: Engine, *, timeout: float | None = None) -> None:
     from alembic.util import CommandError
 
     if not (MIGRATIONS_DIR / "env.py").is_file():
-        raise ProvenanceError(f"the database migrations are missing ({MIGRATIONS_DIR}): the agent must "
-                              "run from its source tree or an editable install (`pip install -e .`)")
+        raise ProvenanceError(f"the database migrations are missing ({MIGRATIONS_DIR}): reinstall the agent")
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     where = engine.url.database
