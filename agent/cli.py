@@ -816,9 +816,13 @@ def serve(
                                                    help="also accept this name in the Host header: a loopback "
                                                    "alias from /etc/hosts (127.0.0.1, localhost and [::1] always "
                                                    "are); repeatable"),
-    workers: int = typer.Option(1, "--workers", min=1, help="photos protected at once"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="photos protected at once "
+                                          "[default: --micro-batch]"),
     queue: int = typer.Option(4, "--queue", min=0, help="photos that may wait for a worker; more get 503 and "
                               "Retry-After"),
+    device: str = typer.Option("cpu", help="cpu or cuda: where the networks run"),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", min=1, help="photos that may share one "
+                                              "forward pass [default: 8 on cuda, 1 on cpu]"),
     user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
     passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
 ) -> None:
@@ -830,8 +834,11 @@ def serve(
 
     from . import server
 
+    check_device(device)
+    micro_batch = micro_batch or (8 if device.startswith("cuda") else 1)
     try:
-        options = server.ServerOptions(workers=workers, queue=queue, hosts=tuple(host_check or ()))
+        options = server.ServerOptions(workers=workers or micro_batch, queue=queue, hosts=tuple(host_check or ()),
+                                       device=device, micro_batch=micro_batch)
     except ValueError as error:
         fail(str(error))
     from . import service

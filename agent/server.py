@@ -47,6 +47,7 @@ from yarl import URL
 
 from . import __version__, jobs, models, pairing, pipeline, service
 from . import provenance as prov
+from .batching import Accelerator
 from .keys import UserKeys
 from .pipeline import ProtectOptions
 from .provenance import DatabaseLockedError, ProvenanceError
@@ -76,7 +77,9 @@ log = logging.getLogger("agent.server")
 class ServerOptions:
     """Limits and sizes of the service. `workers` protect at once (torch already spreads one
     protection over the cores, so more than one mostly adds memory); `queue` more may wait; beyond
-    that, 503. `rate` requests per second per token on average, `burst` at once."""
+    that, 503. `rate` requests per second per token on average, `burst` at once. `device` runs the
+    networks; `micro_batch` > 1 lets up to that many workers' images share one forward pass
+    (`batching.py`; worth it on a GPU, where it wants as many workers)."""
 
     max_body: int = 64 * 1024 * 1024
     max_pixels: int = pipeline.MAX_PIXELS
@@ -86,13 +89,20 @@ class ServerOptions:
     burst: int = 16
     shutdown_timeout: float = 60.0
     hosts: tuple[str, ...] = ()  # host names accepted besides the loopback's own
+    device: str = "cpu"
+    micro_batch: int = 1
+    micro_batch_wait: float = 0.005  # how long the first image of a batch waits for others
 
     def __post_init__(self) -> None:
-        for name in ("max_body", "max_pixels", "workers", "burst"):
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        for name in ("max_body", "max_pixels", "workers", "burst", "micro_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.queue < 0:
             raise ValueError(f"queue must not be negative, got {self.queue}")
+        if not self.micro_batch_wait >= 0:
+            raise ValueError(f"micro_batch_wait must not be negative, got {self.micro_batch_wait}")
         if not self.rate > 0:
             raise ValueError(f"rate must be positive, got {self.rate}")
 
@@ -234,6 +244,7 @@ class _State:
         self.bucket = TokenBucket(options.rate, options.burst)
         self.admitted = 0  # protections running or waiting; only the event loop's thread touches it
         self.mean_seconds = 2.0  # running mean of a protection's duration, for Retry-After
+        self.accelerator = Accelerator(options.device, options.micro_batch, options.micro_batch_wait)
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         """The log (a home without one is refused: `agent init`) and the worker pool, for as long
@@ -301,7 +312,7 @@ class _State:
         model, running = await asyncio.to_thread(self._status_facts)
         return web.json_response({
             "api": API_VERSION, "version": __version__, "user": self.keys.user, "unlocked": True,
-            "model": model, "jobs": running,
+            "model": model, "jobs": running, "inference": self.accelerator.status(),
             "strengths": list(STRENGTHS), "max_body": self.options.max_body, "max_pixels": self.options.max_pixels,
         })
 
@@ -344,7 +355,7 @@ class _State:
         try:
             done = await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(
                 service.protect_bytes, self.home, self.keys, data, file_name=file_name, site=site, options=options,
-                max_pixels=self.options.max_pixels, factory=self.factory))
+                max_pixels=self.options.max_pixels, factory=self.factory, prepare=self.accelerator.prepare))
         except service.TooManyPixelsError as error:
             raise ApiError(413, "too_many_pixels", str(error)) from None
         except service.ImageError as error:

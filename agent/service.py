@@ -784,7 +784,7 @@ class ProtectedImage:
 
 def protect_bytes(home: Path, keys: UserKeys, data: bytes, *, file_name: str | None = None,
                   site: str | None = None, options: ProtectOptions | None = None, source: str = "extension",
-                  max_pixels: int = pipeline.MAX_PIXELS, factory=None) -> ProtectedImage:
+                  max_pixels: int = pipeline.MAX_PIXELS, factory=None, prepare=None) -> ProtectedImage:
     """Protects one image held in memory (an upload the browser extension hands the local service)
     with the active key of the unlocked user `keys`, and logs its signed record (`file_name` and
     `site`, the page's origin, encrypted in it). Same format and metadata policy as `protect_paths`.
@@ -793,7 +793,8 @@ def protect_bytes(home: Path, keys: UserKeys, data: bytes, *, file_name: str | N
     runs. The home's lock is held only while the record is appended, not during inference, so an
     `AgentBusyError` means another process is writing (a batch of `agent protect`). `factory`: the
     log's session factory of a caller that keeps it open (the service), instead of opening the log
-    (and checking its migrations) for every image."""
+    (and checking its migrations) for every image. `prepare`: what the caller runs the model on
+    (`batching.Accelerator.prepare`: a GPU copy, micro-batched), given the user's model."""
     home = Path(home)
     options = ProtectOptions() if options is None else options
     name = file_name or "the upload"
@@ -801,7 +802,7 @@ def protect_bytes(home: Path, keys: UserKeys, data: bytes, *, file_name: str | N
     with contextlib.nullcontext(factory) if factory is not None else _database(home) as factory:
         with factory.begin() as session:
             model_row, model = models.active_model(session, home, keys)
-        done = _protect_data(keys, model_row, model, data, facts, name, options)
+        done = _protect_data(keys, model_row, prepare(model) if prepare else model, data, facts, name, options)
         with home_lock(home), factory.begin() as session:
             record = done.record(session, keys, model_row, source, file_name, site)
     return ProtectedImage(done.data, facts.format, record.id, done.quality, done.info.original_size,

@@ -640,6 +640,35 @@ def test_resolve_port(monkeypatch):
             resolve_port()
     with pytest.raises(ValueError, match="workers"):
         ServerOptions(workers=0)
+    with pytest.raises(ValueError, match="micro_batch"):
+        ServerOptions(micro_batch=0)
+    with pytest.raises(ValueError, match="device"):
+        ServerOptions(device="tpu")
+
+
+@aio
+async def test_micro_batched_uploads_share_forward_passes_and_each_gets_its_own_record(serve, factory, keys):
+    # a long wait, so that the uploads meet however slowly a busy test machine decodes them
+    client = await serve(workers=4, micro_batch=4, micro_batch_wait=1.0)
+    token = token_for(factory)
+    bodies = []
+    for i in range(4):  # same size (so they may share a batch), different content
+        with Image.open(SAMPLE) as image:
+            picture = image.convert("RGB").crop((40 * i, 50, 40 * i + 64, 98))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        bodies.append(buffer.getvalue())
+    responses = await asyncio.gather(*[client.post("/v1/protect", data=body, headers=auth(
+        token, **{"Content-Type": "image/png"})) for body in bodies])
+    assert [r.status for r in responses] == [200] * 4
+    datas = [await r.read() for r in responses]
+    assert len(set(datas)) == 4
+    with factory() as session:
+        records = prov.list_records(session, "alice", keys=keys)
+    assert {r.protected_sha256 for r in records} == {hashlib.sha256(d).hexdigest() for d in datas}
+    inference = (await (await client.get("/v1/status")).json())["inference"]
+    assert inference["device"] == "cpu" and inference["micro_batch"] == 4
+    assert inference["mean_batch"] > 1  # at least two uploads went through one forward pass
 
 
 # ---------------------------------------------------------------- a real `agent serve`
