@@ -1,7 +1,7 @@
 """Throughput and latency of the local service (`agent serve`) on the CPU: images per second and
 p50/p95 latency at 1, 4 and 8 concurrent clients, each sending the sample photo
 (agent/assets/sample.png, 451x300) as the extension does. Writes bench/results/serve.json and
-docs/serve.md.
+its section of docs/benchmarks.md.
 
     OMP_NUM_THREADS=<cores> .venv/bin/python bench/serve.py [--requests 48] [--levels 1 4 8]
 
@@ -36,10 +36,11 @@ from agent import keys as keystore
 from agent import pairing, pipeline, service
 from agent import provenance as prov
 from agent.atomic import write_text
+from bench.sections import write_section
 from agent.server import ServerOptions, make_app
 
 RESULTS = ROOT / "bench" / "results" / "serve.json"
-REPORT = ROOT / "docs" / "serve.md"
+REPORT = ROOT / "docs" / "benchmarks.md"
 SAMPLE = ROOT / "agent" / "assets" / "sample.png"
 USER, PASSPHRASE = "bench", "bench passphrase"
 ORIGIN = "chrome-extension://" + "abcdefghijklmnopabcdefghijklmnop"
@@ -122,7 +123,7 @@ async def run(levels: list[int], requests: int) -> list[dict]:
 def report(results: dict) -> str:
     options = results["server"]
     lines = [
-        "# The local service under load (`agent serve`, CPU)",
+        "## The local service under load (`agent serve`, CPU)",
         "",
         "Written by `bench/serve.py` from `bench/results/serve.json`; do not edit by hand.",
         "",
@@ -169,7 +170,7 @@ def main() -> None:
                    "levels": asyncio.run(run(args.levels, args.requests))}
         write_text(RESULTS, json.dumps(results, indent=2))
     text = report(results)
-    write_text(REPORT, text)
+    write_section(REPORT, "serve", text)
     print(text)
 
 
