@@ -90,7 +90,7 @@ async def level(url: str, body: bytes, tokens: list[str], concurrency: int, requ
             "p95_ms": round(percentile(latencies, 95) * 1000, 1), "busy_503": busy}
 
 
-async def run(levels: list[int], requests: int) -> list[dict]:
+async def run(levels: list[int], requests: int, options: ServerOptions) -> list[dict]:
     body = SAMPLE.read_bytes()
     with tempfile.TemporaryDirectory() as folder:
         home = Path(folder) / "home"
@@ -103,7 +103,7 @@ async def run(levels: list[int], requests: int) -> list[dict]:
         finally:
             factory.kw["bind"].dispose()
         pipeline.default_model()  # as `agent serve`: loaded before listening
-        runner = web.AppRunner(make_app(home, keys, ServerOptions(rate=1000.0, burst=1000)), access_log=None)
+        runner = web.AppRunner(make_app(home, keys, options), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -123,14 +123,15 @@ async def run(levels: list[int], requests: int) -> list[dict]:
 def report(results: dict) -> str:
     options = results["server"]
     lines = [
-        "## The local service under load (`agent serve`, CPU)",
+        f"## The local service under load (`agent serve`, {options.get('device', 'cpu')})",
         "",
         "Written by `bench/serve.py` from `bench/results/serve.json`; do not edit by hand.",
         "",
         (f"{results['requests']} requests per level of the sample photo ({results['photo']}, PNG, "
          f"{results['photo_bytes'] // 1024} KiB) to `POST /v1/protect` on 127.0.0.1, on {results['machine']} "
          f"({results['torch_threads']} torch threads). The server runs as `agent serve` does: "
-         f"{options['workers']} worker, a queue of {options['queue']}; beyond that it answers 503 busy with "
+         f"{options['workers']} worker(s), a queue of {options['queue']}, micro-batches of up to "
+         f"{options.get('micro_batch', 1)}; beyond that it answers 503 busy with "
          "Retry-After, which each client waits out before sending again, so latency includes those waits and "
          "the 503s are counted."),
         "",
@@ -151,6 +152,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=48, help="images per concurrency level [default: 48]")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8], help="concurrent clients")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, as `agent serve --device`")
+    parser.add_argument("--micro-batch", type=int, default=1, help="as `agent serve --micro-batch` [default: 1]")
+    parser.add_argument("--workers", type=int, help="[default: --micro-batch]")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the saved JSON")
     args = parser.parse_args()
     if args.report_only:
@@ -162,12 +166,15 @@ def main() -> None:
 
         with Image.open(SAMPLE) as image:
             width, height = image.size
-        options = ServerOptions()
+        # the rate limit is per token and would measure pacing, not the service
+        options = ServerOptions(rate=1000.0, burst=1000, device=args.device, micro_batch=args.micro_batch,
+                                workers=args.workers or args.micro_batch)
         results = {"photo": f"{SAMPLE.relative_to(ROOT)} {width}x{height}", "photo_bytes": SAMPLE.stat().st_size,
                    "requests": args.requests, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                    "torch_threads": torch.get_num_threads(),
-                   "server": {"workers": options.workers, "queue": options.queue},
-                   "levels": asyncio.run(run(args.levels, args.requests))}
+                   "server": {"workers": options.workers, "queue": options.queue, "device": options.device,
+                              "micro_batch": options.micro_batch},
+                   "levels": asyncio.run(run(args.levels, args.requests, options))}
         write_text(RESULTS, json.dumps(results, indent=2))
     text = report(results)
     write_section(REPORT, "serve", text)

@@ -9,7 +9,6 @@ import torch
 
 from agent import pipeline
 from agent.batching import Accelerator, BatchedModel, MicroBatcher
-from agent.rgan.keying import key_pattern
 
 
 class Recording:
