@@ -54,10 +54,11 @@ class MicroBatcher:
         self._lock = threading.Lock()
         self._open: dict[tuple, _Group] = {}
 
-    def run(self, function: Callable, x: torch.Tensor, pattern: torch.Tensor | None) -> torch.Tensor:
+    def run(self, function: Callable, x: torch.Tensor, pattern: torch.Tensor | None, *options) -> torch.Tensor:
+        """`function(x, pattern, *options)`; only calls with equal `options` share a batch."""
         if len(x) != 1:
             raise ValueError(f"micro-batching takes one image per call, got {len(x)}")
-        key = (function, tuple(x.shape), x.device, x.dtype, pattern is None)
+        key = (function, tuple(x.shape), x.device, x.dtype, pattern is None, options)
         call = _Call(x, pattern)
         with self._lock:
             group = self._open.get(key)
@@ -76,20 +77,20 @@ class MicroBatcher:
                     del self._open[key]
                 self.calls += len(group.calls)
                 self.batches += 1
-            self._execute(function, group.calls)
+            self._execute(function, group.calls, options)
         call.done.wait()
         if call.error is not None:
             raise call.error
         return call.result
 
     @staticmethod
-    def _execute(function: Callable, calls: list[_Call]) -> None:
+    def _execute(function: Callable, calls: list[_Call], options: tuple) -> None:
         try:
             x = torch.cat([call.x for call in calls])
             patterns = None
             if calls[0].pattern is not None:
                 patterns = torch.stack([call.pattern.reshape(call.pattern.shape[-3:]) for call in calls])
-            out = function(x, patterns)
+            out = function(x, patterns, *options)
             for index, call in enumerate(calls):
                 call.result = out[index : index + 1]
         except BaseException as error:  # every waiting caller gets the error, none hangs
@@ -101,17 +102,14 @@ class MicroBatcher:
 
 
 class BatchedModel:
-    """`model` as the pipeline uses it (`perturbation` and `estimate`), with both going through a
-    `MicroBatcher`; everything else is the model's own."""
+    """`model` with protection's forward pass (`perturbation`) going through a `MicroBatcher`;
+    everything else (recovery, which the service never does) is the model's own."""
 
     def __init__(self, model: RGAN, batcher: MicroBatcher):
         self._model, self._batcher = model, batcher
 
-    def perturbation(self, x: torch.Tensor, pattern: torch.Tensor | None = None) -> torch.Tensor:
-        return self._batcher.run(self._model.perturbation, x, pattern)
-
-    def estimate(self, x: torch.Tensor, pattern: torch.Tensor | None = None) -> torch.Tensor:
-        return self._batcher.run(self._model.estimate, x, pattern)
+    def perturbation(self, x: torch.Tensor, pattern: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+        return self._batcher.run(self._model.perturbation, x, pattern, strength)
 
     def __getattr__(self, name: str):
         return getattr(self._model, name)

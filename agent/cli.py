@@ -628,6 +628,8 @@ def protect(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="folder for the outputs [default: beside each photo]"),
     max_side: int = typer.Option(2048, "--max-side", min=0, help="longest side of the working resolution; larger "
                                  "photos are downscaled first (0: keep the full size)"),
+    strength: str = typer.Option("medium", "--strength", help="low, medium or high: stronger fools more "
+                                 "classifiers and is more visible; recovery works at each"),
     user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing outputs (an original never is)"),
     passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
@@ -639,10 +641,12 @@ def protect(
     numbers removed, capture date and colour profile kept). Exits 2 if any file failed; the
     others are still done."""
     from . import service
-    from .pipeline import ProtectOptions
+    from .pipeline import STRENGTHS, ProtectOptions
 
+    if strength not in STRENGTHS:
+        fail(f"--strength must be one of {', '.join(STRENGTHS)}, got {strength!r}")
     try:
-        options = ProtectOptions(max_side=max_side or None)
+        options = ProtectOptions(max_side=max_side or None, strength=strength)
     except ValueError as error:
         fail(f"--max-side: {error}")
     passphrase = _passphrase(passphrase_file, recall=True, user=user)

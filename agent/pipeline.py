@@ -48,6 +48,12 @@ BIT_DEPTHS = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}
 SUFFIX_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 # Tile origins are kept on this grid (see `_alignment`), so the tile size must lie on it too.
 TILE_GRID = 16
+# How much of G's learned share goes into the photo; medium is what training tuned. Stronger
+# fools more classifiers and is more visible (the key pattern's share stays as it is).
+STRENGTHS = {"low": 0.5, "medium": 1.0, "high": 1.5}
+DEFAULT_STRENGTH = "medium"
+# fixed-point steps after R (RGAN.refine_step): two reach what clipping and rounding leave
+REFINE_STEPS = 2
 
 
 def _is_int(value: Any) -> bool:
@@ -64,6 +70,7 @@ class ProtectOptions:
     """
 
     max_side: int | None = 2048
+    strength: str = DEFAULT_STRENGTH
     tile: int = 1024
     # context on each side of a tile, rounded up to the tile grid; it covers the networks' reach
     # (86 px for the photo model's G, 44 for R), so the tiles' centres are exact
@@ -71,6 +78,8 @@ class ProtectOptions:
     tile_above: int = 2048 * 2048
 
     def __post_init__(self) -> None:
+        if self.strength not in STRENGTHS:
+            raise ValueError(f"strength must be one of {', '.join(STRENGTHS)}, got {self.strength!r}")
         if self.max_side is not None and (not _is_int(self.max_side) or self.max_side < TILE_GRID):
             raise ValueError(f"max_side must be None or an integer of at least {TILE_GRID}, got {self.max_side!r}")
         if not _is_int(self.tile) or self.tile < TILE_GRID or self.tile % TILE_GRID:
@@ -94,6 +103,7 @@ class ProtectInfo:
     mode: str
     bit_depth: int
     key_pattern_version: int = PATTERN_VERSION
+    strength: str = DEFAULT_STRENGTH
 
     def __post_init__(self) -> None:
         for name in ("original_size", "working_size"):
@@ -111,6 +121,8 @@ class ProtectInfo:
             raise ValueError(f"bit_depth must be 8 or 16, got {self.bit_depth!r}")
         if not _is_int(self.key_pattern_version) or self.key_pattern_version < 1:
             raise ValueError(f"key_pattern_version must be a positive integer, got {self.key_pattern_version!r}")
+        if self.strength not in STRENGTHS:
+            raise ValueError(f"strength must be one of {', '.join(STRENGTHS)}, got {self.strength!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -119,6 +131,7 @@ class ProtectInfo:
             "mode": self.mode,
             "bit_depth": self.bit_depth,
             "key_pattern_version": self.key_pattern_version,
+            "strength": self.strength,
         }
 
     @classmethod
@@ -127,8 +140,9 @@ class ProtectInfo:
         rather than a recovery that silently goes wrong."""
         if not isinstance(data, dict):
             raise ValueError(f"protect info must be a dict, got {type(data).__name__}")
-        fields = {"original_size", "working_size", "mode", "bit_depth", "key_pattern_version"}
-        if set(data) != fields:
+        fields = {"original_size", "working_size", "mode", "bit_depth", "key_pattern_version", "strength"}
+        # records written before strengths existed were all protected at the default
+        if set(data) != fields and set(data) != fields - {"strength"}:
             missing, unknown = sorted(fields - set(data)), sorted(set(data) - fields)
             raise ValueError(f"protect info fields do not match (missing: {missing}, unknown: {unknown})")
         return cls(**data)
@@ -159,22 +173,26 @@ def protect(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOpti
         pixels = _resize(pixels, work_w, work_h)
     colour, alpha = _split(pixels)
     with _inference(model) as net:
-        protected = _run(colour, key, net, options, lambda x, pattern: x + net.perturbation(x, pattern))
+        strength = STRENGTHS[options.strength]
+        protected = _run(colour, key, net, options, lambda x, pattern: x + net.perturbation(x, pattern, strength))
     # Grayscale photos come back in colour: R was trained on colour perturbations and needs all
     # three channels of G's output; averaging them back to one channel would throw away most of
     # what R reads and what the key pattern put there (an independent sign per channel).
     result = protected if alpha is None else np.concatenate([protected, alpha], axis=2)
-    return result, ProtectInfo((width, height), (work_w, work_h), mode, BIT_DEPTHS[pixels.dtype])
+    return result, ProtectInfo((width, height), (work_w, work_h), mode, BIT_DEPTHS[pixels.dtype],
+                               strength=options.strength)
 
 
 def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, model: RGAN | None = None,
             *, options: ProtectOptions = ProtectOptions()) -> np.ndarray:
-    """Undoes the protection with the key: the image minus R's estimate of the perturbation.
+    """Undoes the protection with the key: the image minus R's estimate of the perturbation, then
+    `REFINE_STEPS` fixed-point steps with G (`RGAN.refine_step`), at the strength it was protected
+    with (from `info`; without it, `options.strength`).
 
     The result has the protected image's size (the working resolution: pixels dropped by a
     downscale before protection cannot come back) and dtype. With `info`, the image must still
     have the working size, and a grayscale original comes back grayscale ((H, W) or (H, W, 2)).
-    Only the tiling fields of `options` apply.
+    Only the tiling fields and the strength of `options` apply.
     """
     pixels, mode = _check_image(image)
     check_key(key)
@@ -188,8 +206,14 @@ def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, mode
             raise ValueError(f"the image was protected with key pattern version {info.key_pattern_version}; "
                              f"this agent makes version {PATTERN_VERSION}")
     colour, alpha = _split(pixels)
+    strength = STRENGTHS[info.strength if info is not None else options.strength]
     with _inference(model) as net:
-        recovered = _run(colour, key, net, options, lambda x, pattern: x - net.estimate(x, pattern))
+        recovered = _run(colour, key, net, options, lambda x, pattern: net.recover(x, pattern, strength))
+        for _ in range(REFINE_STEPS):
+            # each step is a whole pass over the image, so tiles see each other's latest estimate
+            recovered = _run(recovered, key, net, options,
+                             lambda x, pattern, protected: net.refine_step(x, protected, pattern, strength),
+                             also=colour)
     if (info.mode if info is not None else mode) in ("L", "LA"):
         # the three channels were protected apart; their mean is the best estimate of the one
         grey = np.rint(recovered.mean(axis=2, dtype=np.float64)).astype(pixels.dtype)
@@ -333,9 +357,10 @@ def _spans(length: int, step: int, context: int) -> list[tuple[int, int, int, in
 
 
 def _run(colour: np.ndarray, key: bytes, net: RGAN, options: ProtectOptions,
-         step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> np.ndarray:
+         step_fn: Callable[..., torch.Tensor], also: np.ndarray | None = None) -> np.ndarray:
     """Applies `step_fn(x, pattern)` (x on [0, 1], (1, 3, h, w)) over the image, tile by tile
-    above `options.tile_above` pixels, and returns it rounded to the image's grid as (H, W, 3)."""
+    above `options.tile_above` pixels, and returns it rounded to the image's grid as (H, W, 3).
+    With `also` (an image of the same shape), `step_fn(x, pattern, also's tile)`."""
     height, width = colour.shape[:2]
     maxval = np.iinfo(colour.dtype).max
     # One pattern for the whole image, sliced per tile: the pattern is a function of the image's
@@ -352,12 +377,17 @@ def _run(colour: np.ndarray, key: bytes, net: RGAN, options: ProtectOptions,
     else:
         rows, cols = [(0, height, 0, height)], [(0, width, 0, width)]
     device = next(net.parameters()).device
+
+    def tile_of(array: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        tile = torch.from_numpy(array[y0:y1, x0:x1].astype(np.float32))
+        return (tile.to(device).permute(2, 0, 1)[None] / maxval).expand(1, 3, -1, -1)
+
     out = np.empty((height, width, 3), dtype=colour.dtype)
     for y0, y1, cy0, cy1 in rows:
         for x0, x1, cx0, cx1 in cols:
-            tile = torch.from_numpy(colour[y0:y1, x0:x1].astype(np.float32))
-            x = (tile.to(device).permute(2, 0, 1)[None] / maxval).expand(1, 3, -1, -1)
-            result = step_fn(x, pattern[:, y0:y1, x0:x1].to(device=device, dtype=torch.float32))
+            extra = () if also is None else (tile_of(also, y0, y1, x0, x1),)
+            result = step_fn(tile_of(colour, y0, y1, x0, x1),
+                             pattern[:, y0:y1, x0:x1].to(device=device, dtype=torch.float32), *extra)
             core = result[0, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0].clamp(0, 1) * maxval
             out[cy0:cy1, cx0:cx1] = core.round().permute(1, 2, 0).cpu().numpy().astype(colour.dtype)
     return out

@@ -57,10 +57,6 @@ PORT_ENV = "AGENT_PORT"
 API_VERSION = 1
 LOOPBACK_HOSTS = ("127.0.0.1", "::1")
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
-# the model has one strength (epsilon = 8/255); the option exists so that the API will not change
-# when a model with a strength knob ships, and anything but the default is refused until then
-STRENGTHS = ("standard",)
-DEFAULT_STRENGTH = "standard"
 RECORDS_LIMIT, RECORDS_MAX = 20, 100
 MAX_JSON = 4096
 MAX_NAME = 255
@@ -313,7 +309,8 @@ class _State:
         return web.json_response({
             "api": API_VERSION, "version": __version__, "user": self.keys.user, "unlocked": True,
             "model": model, "jobs": running, "inference": self.accelerator.status(),
-            "strengths": list(STRENGTHS), "max_body": self.options.max_body, "max_pixels": self.options.max_pixels,
+            "strengths": list(pipeline.STRENGTHS), "default_strength": pipeline.DEFAULT_STRENGTH,
+            "max_body": self.options.max_body, "max_pixels": self.options.max_pixels,
         })
 
     def _status_facts(self) -> tuple[dict[str, str], list[dict[str, Any]]]:
@@ -435,13 +432,13 @@ def _protect_request(request: web.Request) -> tuple[str | None, str | None, Prot
     (query: `max_side`, `strength`). Name and site travel in headers, not in the URL, where
     every tool that shows or keeps URLs would see them."""
     query = _query(request, ("max_side", "strength"))
-    strength = query.get("strength", DEFAULT_STRENGTH)
-    if strength not in STRENGTHS:
-        raise ApiError(400, "bad_option", f"strength {strength!r} is not available: the current model has one "
-                                          f"fixed strength, {DEFAULT_STRENGTH!r} (epsilon = 8/255)")
+    strength = query.get("strength", pipeline.DEFAULT_STRENGTH)
+    if strength not in pipeline.STRENGTHS:
+        raise ApiError(400, "bad_option", f"strength must be one of {', '.join(pipeline.STRENGTHS)}, got {strength!r}")
     max_side = _integer(query, "max_side", ProtectOptions().max_side, 0)
     try:
-        options = ProtectOptions(max_side=max_side or None)  # 0: the full size, as `agent protect --max-side 0`
+        # 0: the full size, as `agent protect --max-side 0`
+        options = ProtectOptions(max_side=max_side or None, strength=strength)
     except ValueError as error:
         raise ApiError(400, "bad_option", f"max_side: {error} (0 keeps the full size)") from None
     return _file_name(request.headers.get("X-File-Name")), _site(request.headers.get("X-Site")), options

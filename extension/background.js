@@ -1,6 +1,6 @@
 // The extension's worker: the only part that talks to the agent (a page's own requests to the
 // agent are refused by it; ours carry the extension's origin and the paired token).
-import {api, load, save, bump, originOf} from './settings.js';
+import {api, DEFAULTS, load, save, bump, originOf} from './settings.js';
 
 const UNREACHABLE = 'The rgan-agent is not running on this computer. Start it with `agent serve`.';
 const NOT_PAIRED = 'This browser is not paired with the rgan-agent. Open the extension options and enter the code from `agent pair`.';
@@ -42,7 +42,7 @@ function toBase64(bytes) {
 async function protect({name, mime, data}, site) {
   const settings = await load();
   const query = new URLSearchParams();
-  if (settings.strength && settings.strength !== 'standard') query.set('strength', settings.strength);
+  if (settings.strength !== DEFAULTS.strength) query.set('strength', settings.strength);
   const headers = {'Content-Type': mime || 'application/octet-stream'};
   if (name) headers['X-File-Name'] = encodeURIComponent(name);
   if (site) headers['X-Site'] = site;

@@ -5,15 +5,20 @@ export const DEFAULTS = Object.freeze({
   agentUrl: 'http://127.0.0.1:47830',
   token: null,          // the bearer token from pairing; only ever sent to agentUrl
   tokenId: null,
-  strength: 'standard',
+  strength: 'medium',   // 'low' | 'medium' | 'high', as the agent's `--strength`
   onFailure: 'block',   // 'block': stop the upload and ask; 'allow': let the original through
   offSites: [],         // origins where protection is off
   protectedCounts: {},  // origin -> photos protected there
   unprotectedCounts: {},// origin -> photos that went through unprotected there
 });
 
+export const STRENGTHS = ['low', 'medium', 'high'];
+
 export async function load() {
-  return {...DEFAULTS, ...(await api.storage.local.get(Object.keys(DEFAULTS)))};
+  const settings = {...DEFAULTS, ...(await api.storage.local.get(Object.keys(DEFAULTS)))};
+  // a strength saved by an older version ('standard') or by hand means the default
+  if (!STRENGTHS.includes(settings.strength)) settings.strength = DEFAULTS.strength;
+  return settings;
 }
 
 export async function save(changes) {

@@ -158,7 +158,7 @@ def test_users_and_keys_commands(env, tmp_path):
 @pytest.mark.parametrize("case", ["wrong passphrase", "no passphrase", "missing file", "not an image",
                                   "unknown user", "unwritable output", "second process", "locked log",
                                   "not initialised",
-                                  "bad --since", "bad --max-side"])
+                                  "bad --since", "bad --max-side", "bad --strength"])
 def test_bad_input_gets_one_clear_line_and_exit_2(env, tmp_path, monkeypatch, case):
     photos = tmp_path / "photos"
     make_photos(photos)
@@ -187,6 +187,8 @@ def test_bad_input_gets_one_clear_line_and_exit_2(env, tmp_path, monkeypatch, ca
         args, expected = ["log", "--since", "yesterday"], "not an ISO date"
     elif case == "bad --max-side":
         args, expected = ["protect", photos / "park.png", "--max-side", "8"], "--max-side"
+    elif case == "bad --strength":
+        args, expected = ["protect", photos / "park.png", "--strength", "max"], "--strength must be one of low, medium"
     if case == "second process":
         expected = "another agent process"
         with open(Path(env["AGENT_HOME"]) / service.LOCK_NAME, "a+") as held:

@@ -270,6 +270,22 @@ def test_site_switched_off_uploads_originals(paired, agent, site):
     options.close()
 
 
+
+def test_the_chosen_strength_reaches_the_agent_and_its_record(paired, agent, site, tmp_path):
+    options = options_page(paired)
+    options.select_option("#strength", "high")
+    save(options)
+    before = len(site.uploads)
+    page = paired.new_page()
+    upload(page, site, "form")
+    wait_for_uploads(site, before + 1, page)
+    assert records(agent)[-1]["params"]["strength"] == "high"
+    assert_protected_and_recoverable(agent, site.uploads[-1].data, tmp_path)
+    options.select_option("#strength", "medium")
+    save(options)
+    page.close()
+    options.close()
+
 # These stop the agent: keep them last.
 def test_with_the_agent_stopped_the_upload_stops_and_asks(paired, agent, site):
     agent.stop()

@@ -168,9 +168,9 @@ def test_tiled_inference_matches_the_whole_image(model, monkeypatch):
     tiles = []
     perturbation = model.perturbation
 
-    def counting(x, pattern):
+    def counting(x, *rest):
         tiles.append(tuple(x.shape[-2:]))
-        return perturbation(x, pattern)
+        return perturbation(x, *rest)
 
     monkeypatch.setattr(model, "perturbation", counting)
     # overlap 90 is rounded up to 96, keeping tile origins on the grid of 16
@@ -273,11 +273,15 @@ GOOD = {"original_size": [400, 300], "working_size": [200, 150], "mode": "RGB", 
     {**GOOD, "working_size": [800, 600]},
     {**GOOD, "working_size": [True, 150]},
     {**GOOD, "key_pattern_version": 0},
+    {**GOOD, "strength": "extreme"},
     "not a dict",
 ], ids=["missing", "unknown", "mode", "depth", "depth-str", "negative", "three", "upscaled", "bool",
-        "version", "str"])
+        "version", "strength", "str"])
 def test_bad_info_is_refused(data):
+    # GOOD is what records held before strengths existed: all were protected at the default
     assert ProtectInfo.from_dict(GOOD).working_size == (200, 150)
+    assert ProtectInfo.from_dict(GOOD).strength == "medium"
+    assert ProtectInfo.from_dict({**GOOD, "strength": "high"}).strength == "high"
     with pytest.raises(ValueError):
         ProtectInfo.from_dict(data)
 
@@ -399,3 +403,36 @@ def test_the_shipped_model_round_trips_a_photo_only_with_its_key():
     assert 32 <= psnr(protected, original) < 36
     assert psnr(recovered, original) >= 44
     assert psnr(wrong, original) <= psnr(protected, original) + 1
+
+
+@pytest.mark.parametrize("strength", ["low", "medium", "high"])
+def test_every_strength_recovers_only_with_the_key(strength):
+    original = photo(224, 160)
+    protected, info = protect(original, KEY, ProtectOptions(strength=strength))
+    assert info.strength == strength
+    recovered = recover(protected, KEY, info)
+    assert psnr(recovered, original) >= 48
+    # a wrong key subtracts the wrong ±signs of the key's share: never closer than a key-less
+    # attacker may get (issue 7's bound), at any strength
+    assert psnr(recover(protected, bytes(reversed(KEY)), info), original) <= 35
+
+
+def test_stronger_moves_the_photo_further_and_recovery_follows_the_record():
+    original = photo(224, 160)
+    low, low_info = protect(original, KEY, ProtectOptions(strength="low"))
+    high, _ = protect(original, KEY, ProtectOptions(strength="high"))
+    assert psnr(high, original) < psnr(low, original) - 3
+    # recovering a low-strength photo as if it were medium leaves part of G's share behind
+    as_medium = recover(low, KEY, None)
+    assert psnr(recover(low, KEY, low_info), original) > psnr(as_medium, original) + 3
+    assert psnr(recover(low, KEY, options=ProtectOptions(strength="low")), original) >= 48
+    with pytest.raises(ValueError, match="strength"):
+        ProtectOptions(strength="extreme")
+
+
+def test_refining_with_g_recovers_better_than_r_alone(monkeypatch):
+    original = photo(224, 160)
+    protected, info = protect(original, KEY)
+    refined = psnr(recover(protected, KEY, info), original)
+    monkeypatch.setattr(pipeline, "REFINE_STEPS", 0)
+    assert refined > psnr(recover(protected, KEY, info), original) + 2

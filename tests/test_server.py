@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
 from aiohttp import web
 from PIL import Image
@@ -131,7 +132,7 @@ async def test_status_says_who_and_what_without_secrets(serve, factory):
     assert body["user"] == "alice" and body["unlocked"] is True and body["api"] == 1
     assert body["model"] == {"name": "default", "sha256": prov.file_sha256(service.DEFAULT_MODEL_PATH)}
     assert body["jobs"] == []
-    assert body["strengths"] == ["standard"]
+    assert body["strengths"] == ["low", "medium", "high"] and body["default_strength"] == "medium"
     text = json.dumps(body)
     assert "key" not in text.replace("unlocked", "") and PW not in text
     assert response.headers["X-Request-Id"] and response.headers["Cache-Control"] == "no-store"
@@ -337,12 +338,21 @@ async def test_protect_options_max_side_and_strength(serve, factory):
     headers = auth(token_for(factory), **{"Content-Type": "image/png"})
     response = await client.post("/v1/protect?max_side=32", data=photo(), headers=headers)
     assert response.status == 200 and decoded(await response.read()).size == (32, 24)
-    response = await client.post("/v1/protect?max_side=0&strength=standard", data=photo(size=(80, 40)),
+    response = await client.post("/v1/protect?max_side=0&strength=low", data=photo(size=(80, 40)),
                                  headers=headers)
     assert response.status == 200 and decoded(await response.read()).size == (80, 40)
-    message = await problem(await client.post("/v1/protect?strength=high", data=photo(), headers=headers),
+    low = np.asarray(decoded(await response.read()), dtype=int)
+    response = await client.post("/v1/protect?max_side=0&strength=high", data=photo(size=(80, 40)), headers=headers)
+    high = np.asarray(decoded(await response.read()), dtype=int)
+    original = np.asarray(decoded(photo(size=(80, 40))), dtype=int)
+    # high moves the photo further than low; the record says which was used
+    assert np.abs(high - original).mean() > np.abs(low - original).mean()
+    with factory() as session:
+        strengths = {r.params["strength"] for r in prov.list_records(session, "alice")}
+    assert strengths == {"medium", "low", "high"}
+    message = await problem(await client.post("/v1/protect?strength=standard", data=photo(), headers=headers),
                             400, "bad_option")
-    assert "one fixed strength" in message
+    assert "low, medium, high" in message
     for query in ("max_side=abc", "max_side=8", "max_side=-1", "max_side=1e3", "max_side=32&max_side=64",
                   "quality=90", "name=a.png"):
         await problem(await client.post(f"/v1/protect?{query}", data=photo(), headers=headers), 400, "bad_option")
@@ -449,7 +459,7 @@ async def test_mangled_bodies_headers_and_options_never_get_a_500(serve, factory
     types = ["image/png", "image/jpeg", "application/octet-stream", "multipart/form-data", "multipart/form-data; "
              "boundary=zz", "text/plain", "", "image/", "application/json"]
     queries = ["", "max_side=16", "max_side=0", "max_side=999999999999999999999", "strength=", "max_side=%00",
-               "max_side=٣٢", "a=b&max_side=64", "strength=standard&max_side=48"]
+               "max_side=٣٢", "a=b&max_side=64", "strength=high&max_side=48", "strength=standard"]
     seen = set()
     for _ in range(40):
         body = bytearray(rng.choice(list(good.values())))

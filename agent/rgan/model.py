@@ -64,18 +64,24 @@ class RGAN(nn.Module):
             raise ValueError(f"key pattern {tuple(pattern.shape)} does not fit image {tuple(x.shape)}")
         return pattern.to(device=x.device, dtype=x.dtype).expand(len(x), -1, -1, -1)
 
-    def perturbation(self, x: torch.Tensor, pattern: torch.Tensor | None = None) -> torch.Tensor:
-        """G then DR, bounded in L-infinity through tanh (a smooth, exact bound), plus the key
-        pattern's share: the key decides the sign of `key_noise` at every pixel."""
-        config = self.config
+    def learned_perturbation(self, x: torch.Tensor, pattern: torch.Tensor | None = None) -> torch.Tensor:
+        """G then DR, bounded in L-infinity through tanh (a smooth, exact bound): the share of the
+        perturbation that G learned, without the key pattern's share."""
         raw = self.reducer(self.generator(self._inputs(x, pattern)))
-        learned = config.generator_bound * torch.tanh(raw)
-        if config.key_noise:
-            learned = learned + config.key_noise * self._pattern(x, pattern)
+        return self.config.generator_bound * torch.tanh(raw)
+
+    def perturbation(self, x: torch.Tensor, pattern: torch.Tensor | None = None,
+                     strength: float = 1.0) -> torch.Tensor:
+        """G's share scaled by `strength` (1 is what training tuned: stronger attacks, more
+        visible), plus the key pattern's share: the key decides the sign of `key_noise` at every
+        pixel."""
+        learned = strength * self.learned_perturbation(x, pattern)
+        if self.config.key_noise:
+            learned = learned + self.config.key_noise * self._pattern(x, pattern)
         return learned
 
-    def protect(self, x: torch.Tensor, pattern: torch.Tensor | None = None) -> torch.Tensor:
-        return quantize(x + self.perturbation(x, pattern))
+    def protect(self, x: torch.Tensor, pattern: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+        return quantize(x + self.perturbation(x, pattern, strength))
 
     def estimate(self, adversarial: torch.Tensor, pattern: torch.Tensor | None = None) -> torch.Tensor:
         """R's estimate of what protection added to the image. The key pattern's share is known
@@ -87,8 +93,29 @@ class RGAN(nn.Module):
             estimate = estimate + self.config.key_noise * self._pattern(adversarial, pattern)
         return estimate
 
-    def recover(self, adversarial: torch.Tensor, pattern: torch.Tensor | None = None) -> torch.Tensor:
-        return (adversarial - self.estimate(adversarial, pattern)).clamp(0, 1)
+    def recover(self, adversarial: torch.Tensor, pattern: torch.Tensor | None = None, strength: float = 1.0,
+                refine: int = 0) -> torch.Tensor:
+        """R's recovery (its estimate of G's share scaled to `strength`), then `refine` steps of
+        `refine_step`: the paper's recovery is refine = 0; the agent refines."""
+        estimate = self.estimate(adversarial, pattern)
+        if strength != 1:
+            # only G's share was scaled; the key pattern's is known exactly
+            known = self.config.key_noise * self._pattern(adversarial, pattern) if self.config.key_noise else 0
+            estimate = known + strength * (estimate - known)
+        recovered = (adversarial - estimate).clamp(0, 1)
+        for _ in range(refine):
+            recovered = self.refine_step(recovered, adversarial, pattern, strength)
+        return recovered
+
+    def refine_step(self, recovered: torch.Tensor, adversarial: torch.Tensor, pattern: torch.Tensor | None = None,
+                    strength: float = 1.0) -> torch.Tensor:
+        """One step of the fixed-point iteration x ← adversarial − perturbation(x): protection is
+        deterministic given the image and the key, so the key holder can run G on the current
+        estimate of the original and subtract exactly what G would have added to it. G changes
+        slowly with its input, so from R's estimate this converges in one or two steps (to what
+        clipping and 8-bit rounding left), at any strength. Without the key G's input and the
+        pattern are unknown, so this is of no use to an attacker."""
+        return (adversarial - self.perturbation(recovered, pattern, strength)).clamp(0, 1)
 
 
 class KeylessRecoverer(nn.Module):
