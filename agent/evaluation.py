@@ -38,6 +38,7 @@ from .adversaries.pairs import AttackPairs, MixedPairs, ProtectedPairs, image_li
 from .adversaries.robust_recovery import train_robust_recovery
 from .classifiers import feature_extractor, load_classifier
 from .data import TRAIN_SHORT_SIDE, ImageSet, PhotoSet, centre_crops, load_cifar10, load_photos
+from .pipeline import DEFAULT_MODEL_PATH, REFINE_STEPS
 from .platforms import PLATFORM_TRANSFORMS
 from .rgan.keying import batch_patterns, random_keys
 from .rgan.model import RGAN, load_model, quantize
@@ -50,8 +51,9 @@ TABLE3_ATTACKS = ("DDN", "PGD", "C&W")
 # the keyed model's perturbations differ per key, so the held-back images get keys from a seed
 # that neither training (seed 0) nor the attackers (options.seed + 1) draw from
 OWNER_KEY_SEED = 12345
-# big enough to keep the cores busy, small enough that a 2048-px platform resize of a batch fits
 BATCH = {"photos": 8, "cifar10": 250}
+# a platform's 2048-px resize makes any image 50 MB of floats: transforms go a few images at a time
+TRANSFORM_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,7 @@ class Setting:
 
 def load_setting(name: str, options: EvalOptions) -> Setting:
     if name == "photos":
-        path = Path(options.photo_model) if options.photo_model else None
-        if path is None:
-            from .pipeline import DEFAULT_MODEL_PATH as path
+        path = Path(options.photo_model) if options.photo_model else DEFAULT_MODEL_PATH
         model, _ = load_model(path)
         classifier_name = "imagenet-mobilenetv2"
         held_back = centre_crops(load_photos("imagenet-val"))
@@ -140,11 +140,16 @@ def _view(setting: Setting, images: torch.Tensor) -> torch.Tensor:
     return F.interpolate(images, size=(setting.side,) * 2, mode="bilinear", antialias=True, align_corners=False)
 
 
+def _identity(images: torch.Tensor) -> torch.Tensor:
+    return images
+
+
 @torch.no_grad()
-def _predict(setting: Setting, images: torch.Tensor, transform: Callable = lambda x: x,
+def _predict(setting: Setting, images: torch.Tensor, transform: Callable = _identity,
              classifier: nn.Module | None = None) -> torch.Tensor:
     classifier = classifier or setting.classifier
-    return _batched(lambda x: classifier(_view(setting, transform(x))).argmax(1), images, setting.batch)
+    return _batched(lambda x: classifier(_view(setting, transform(x))).argmax(1), images,
+                    setting.batch if transform is _identity else TRANSFORM_BATCH)
 
 
 def _image_figures(images: torch.Tensor, clean: torch.Tensor, predictions: torch.Tensor,
@@ -204,17 +209,22 @@ def evaluate_setting(setting: Setting, options: EvalOptions, on_progress: Callab
     on_progress(f"{setting.name}: protecting {len(setting.held_back)} held-back images")
     clean, adversarial, pattern = protect_with_unseen_keys(model, setting.held_back.images, seed=OWNER_KEY_SEED)
     with torch.no_grad():
-        def recover(key_pattern):
+        def recover(key_pattern, refine):
             chunks = [model.recover(adversarial[i : i + setting.batch],
-                                    None if key_pattern is None else key_pattern[i : i + setting.batch])
+                                    None if key_pattern is None else key_pattern[i : i + setting.batch],
+                                    refine=refine)
                       for i in range(0, len(adversarial), setting.batch)]
             return quantize(torch.cat(chunks))
 
-        recovered = recover(pattern)
-        wrong = None
+        # a keyed model's owner recovers as the library does (R, then G's fixed-point steps); an
+        # unkeyed model is recovered by R alone, the paper's recovery, as the reproduction measures it
+        refine = REFINE_STEPS if pattern is not None else 0
+        recovered = recover(pattern, refine)
+        wrong = by_r_alone = None
         if pattern is not None:
+            by_r_alone = recover(pattern, 0)
             wrong_keys = random_keys(len(clean), torch.Generator().manual_seed(OWNER_KEY_SEED + 1))
-            wrong = recover(batch_patterns(wrong_keys, *clean.shape[-2:]))
+            wrong = recover(batch_patterns(wrong_keys, *clean.shape[-2:]), refine)
     clean_pred, adv_pred = _predict(setting, clean), _predict(setting, adversarial)
     result: dict = {
         "images": len(clean), "model": setting.model_name, "classifier": setting.classifier_name,
@@ -228,6 +238,8 @@ def evaluate_setting(setting: Setting, options: EvalOptions, on_progress: Callab
     if (labels >= 0).all():
         protection["original"] = {"cer": metrics.error_rate(clean_pred, labels)}
     if wrong is not None:
+        protection["recovered with the key, R alone"] = _image_figures(
+            by_r_alone, clean, _predict(setting, by_r_alone), clean_pred, labels)
         protection["recovered with a wrong key"] = _image_figures(wrong, clean, _predict(setting, wrong), clean_pred, labels)
     result["protection"] = protection
     distributions = {"protected": metrics.psnr(adversarial, clean), "recovered with the key": metrics.psnr(recovered, clean)}
