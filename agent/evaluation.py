@@ -330,11 +330,12 @@ def run_evaluation(options: EvalOptions, on_progress: Callable[[str], None] = la
     `settings` replaces the data sets of `options` (tests pass small ones)."""
     torch.manual_seed(options.seed)
     settings = settings if settings is not None else [load_setting(name, options) for name in options.datasets]
-    results = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(options).items()},
-               "datasets": {}}
+    results: dict = {"datasets": {}}
     samples = {}
     for setting in settings:
-        results["datasets"][setting.name], samples[setting.name] = evaluate_setting(setting, options, on_progress)
+        result, samples[setting.name] = evaluate_setting(setting, options, on_progress)
+        result["options"] = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(options).items()}
+        results["datasets"][setting.name] = result
     return results, samples
 
 

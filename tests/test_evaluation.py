@@ -86,6 +86,20 @@ def test_the_report_has_its_tables_plots_and_figures(photo_results, tmp_path):
     assert not list(tmp_path.rglob(".*.tmp"))  # written atomically
 
 
+def test_a_report_keeps_the_sections_of_data_sets_this_run_did_not_measure(photo_results, tmp_path):
+    from agent.evaluation_report import write_report
+
+    results, samples = photo_results
+    write_report(results, samples, tmp_path / "evaluation.md")
+    # another run, of another data set (here a relabelled copy), written to the same report
+    other = {"datasets": {"cifar10": results["datasets"]["photos"]}}
+    write_report(other, {"cifar10": samples["photos"]}, tmp_path / "evaluation.md")
+    saved = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
+    assert list(saved["datasets"]) == ["photos", "cifar10"]
+    text = (tmp_path / "evaluation.md").read_text()
+    assert "## Photos" in text and "## CIFAR-10" in text
+
+
 def test_cifar_end_to_end_through_the_library(cifar_test, tmp_path):
     results = evaluate_and_report(EvalOptions(datasets=("cifar10",), **TINY), tmp_path / "report.md")
     cifar = results["datasets"]["cifar10"]
