@@ -1,4 +1,5 @@
 import contextlib
+import dataclasses
 import os
 
 import pytest
@@ -42,6 +43,25 @@ def single_thread():
 def one_thread():
     with single_thread():
         yield
+
+
+def smooth_images(count, side, generator):
+    """Smooth random images: what a purifier can learn to clean within a few steps."""
+    coarse = torch.rand(count, 3, 4, 4, generator=generator)
+    return torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
+
+
+@dataclasses.dataclass
+class NoisyPairs:
+    """A purifier's training pairs for tests: smooth images and a sign-noise "adversarial" copy."""
+
+    side: int = 16
+    amplitude: float = 0.03
+
+    def batch(self, size, generator):
+        clean = smooth_images(size, self.side, generator)
+        noise = torch.sign(torch.rand(clean.shape, generator=generator) - 0.5)
+        return clean, (clean + self.amplitude * noise).clamp(0, 1)
 
 
 class TinyClassifier(torch.nn.Module):

@@ -1,27 +1,11 @@
-from dataclasses import dataclass
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from agent.adversaries.apegan import ApeGan, WassersteinCritic, train_apegan
 from agent.adversaries.wgan import gradient_penalty
+from conftest import NoisyPairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@dataclass
-class NoisyPairs:
-    """Smooth random images and a sign-noise "adversarial" copy."""
-
-    crop: int = 16
-    amplitude: float = 0.03
-
-    def batch(self, size, generator):
-        coarse = torch.rand(size, 3, 3, 3, generator=generator)
-        clean = F.interpolate(coarse, size=(self.crop, self.crop), mode="bilinear", align_corners=True)
-        sign = torch.randint(0, 2, clean.shape, generator=generator).float() * 2 - 1
-        return clean, (clean + self.amplitude * sign).clamp(0, 1)
 
 
 class Confident(torch.nn.Module):

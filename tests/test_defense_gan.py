@@ -1,29 +1,13 @@
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from agent.adversaries.defense_gan import DefenseGan, train_defense_gan
+from conftest import NoisyPairs, smooth_images
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def smooth_images(count, side, generator):
-    coarse = torch.rand(count, 3, 4, 4, generator=generator)
-    return F.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
-
-
-@dataclass
-class NoisyPairs:
-    side: int = 16
-
-    def batch(self, size, generator):
-        clean = smooth_images(size, self.side, generator)
-        noise = torch.sign(torch.rand(clean.shape, generator=generator) - 0.5)
-        return clean, (clean + 0.03 * noise).clamp(0, 1)
 
 
 def tiny_gan(**options):

@@ -1,10 +1,8 @@
-from dataclasses import dataclass
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from agent.adversaries.nrp import NRP, make_ssp, train_nrp
+from conftest import NoisyPairs, smooth_images
 
 EPSILON = 16 / 255
 
@@ -25,21 +23,6 @@ def feature_net():
         for layer in (net[0], net[2]):
             layer.weight.mul_(4)
     return net.eval().requires_grad_(False)
-
-
-def smooth_images(count, side, generator):
-    coarse = torch.rand(count, 3, 4, 4, generator=generator)
-    return F.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
-
-
-@dataclass
-class NoisyPairs:
-    side: int = 16
-
-    def batch(self, size, generator):
-        clean = smooth_images(size, self.side, generator)
-        noise = torch.sign(torch.rand(clean.shape, generator=generator) - 0.5)
-        return clean, (clean + 0.03 * noise).clamp(0, 1)
 
 
 def distortion(net, x, y):

@@ -1,27 +1,10 @@
-from dataclasses import dataclass
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from agent.adversaries.robust_recovery import RobustRecovery, train_robust_recovery
+from conftest import NoisyPairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@dataclass
-class NoisyPairs:
-    """Smooth random images and a sign-noise "adversarial" copy: noise a denoiser can learn to
-    remove within a few steps."""
-
-    crop: int = 16
-    amplitude: float = 0.03
-
-    def batch(self, size, generator):
-        coarse = torch.rand(size, 3, 3, 3, generator=generator)
-        clean = F.interpolate(coarse, size=(self.crop, self.crop), mode="bilinear", align_corners=True)
-        sign = torch.randint(0, 2, clean.shape, generator=generator).float() * 2 - 1
-        return clean, (clean + self.amplitude * sign).clamp(0, 1)
 
 
 def train(classifier, steps, post_steps, **options):
