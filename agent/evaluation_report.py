@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -165,10 +166,14 @@ def write_report(results: dict, samples: dict[str, dict[str, torch.Tensor]], out
     out = Path(out)
     folder = out.with_suffix("")
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as lock:
-        # two evaluations finishing together must not drop each other's section
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # two evaluations finishing together must not drop each other's section: the folder itself
+    # is the lock, so no lock file is left among the report's files
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
         return _write_locked(plt, results, samples, out, folder, command)
+    finally:
+        os.close(descriptor)
 
 
 def _write_locked(plt, results: dict, samples: dict[str, dict[str, torch.Tensor]], out: Path, folder: Path,

@@ -83,7 +83,8 @@ def test_the_report_has_its_tables_plots_and_figures(photo_results, tmp_path):
         assert path.stat().st_size > 0
     pngs = sorted(p.name for p in (tmp_path / "evaluation").glob("*.png"))
     assert pngs == ["photos-grid.png", "photos-platforms.png", "photos-psnr.png", "photos-purifiers.png"]
-    assert not list(tmp_path.rglob(".*.tmp"))  # written atomically
+    # written atomically, and nothing else (no temporary or lock files) left beside the report
+    assert sorted(p.name for p in (tmp_path / "evaluation").iterdir()) == ["evaluation.json", *pngs]
 
 
 def test_a_report_keeps_the_sections_of_data_sets_this_run_did_not_measure(photo_results, tmp_path):
