@@ -34,6 +34,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .atomic import atomic_path
+from .jpeg import Quantization, most_likely_original
 from .rgan.keying import PATTERN_VERSION, check_key, key_pattern
 from .rgan.model import RGAN, load_model
 from .rgan.nets import ENCODER_STRIDE
@@ -184,10 +185,14 @@ def protect(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOpti
 
 
 def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, model: RGAN | None = None,
-            *, options: ProtectOptions = ProtectOptions()) -> np.ndarray:
+            *, options: ProtectOptions = ProtectOptions(), jpeg: Quantization | None = None) -> np.ndarray:
     """Undoes the protection with the key: the image minus R's estimate of the perturbation, then
     `REFINE_STEPS` fixed-point steps with G (`RGAN.refine_step`), at the strength it was protected
     with (from `info`; without it, `options.strength`).
+
+    `jpeg`: the quantisation tables of the JPEG file that `image` was decoded from, unresized
+    (`Quantization.read`). Recovery then also uses what the file's rounding says about the
+    original (`jpeg.most_likely_original`), which gains several dB over subtracting alone.
 
     The result has the protected image's size (the working resolution: pixels dropped by a
     downscale before protection cannot come back) and dtype. With `info`, the image must still
@@ -214,6 +219,10 @@ def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, mode
             recovered = _run(recovered, key, net, options,
                              lambda x, pattern, protected: net.refine_step(x, protected, pattern, strength),
                              also=colour)
+        if jpeg is not None and colour.dtype == np.uint8:
+            reprotected = _run(recovered, key, net, options,
+                               lambda x, pattern: x + net.perturbation(x, pattern, strength))
+            recovered = most_likely_original(colour, reprotected.astype(np.int16) - recovered, jpeg)
     if (info.mode if info is not None else mode) in ("L", "LA"):
         # the three channels were protected apart; their mean is the best estimate of the one
         grey = np.rint(recovered.mean(axis=2, dtype=np.float64)).astype(pixels.dtype)
@@ -229,7 +238,7 @@ def protect_file(src: Path, dst: Path, key: bytes, options: ProtectOptions = Pro
     """
     src, dst = _distinct(src, dst)
     _check_format(dst, quality)
-    pixels, icc = _read_image(src)
+    pixels, icc = _decode_image(_read_bytes(src), str(src))
     _check_writable(dst, pixels.dtype, pixels.shape[2] in (2, 4))
     protected, info = protect(pixels, key, options, model)
     _write_image(protected, dst, quality, icc)
@@ -238,17 +247,20 @@ def protect_file(src: Path, dst: Path, key: bytes, options: ProtectOptions = Pro
 
 def recover_file(src: Path, dst: Path, key: bytes, info: ProtectInfo | None = None,
                  model: RGAN | None = None, quality: int = 95) -> None:
-    """Recovers the protected photo in `src` into `dst`, like `recover` (working resolution)."""
+    """Recovers the protected photo in `src` into `dst`, like `recover` (working resolution); a
+    JPEG's quantisation tables are used too."""
     src, dst = _distinct(src, dst)
     _check_format(dst, quality)
-    pixels, icc = _read_image(src)
+    data = _read_bytes(src)
+    pixels, icc = _decode_image(data, str(src))
     _check_writable(dst, pixels.dtype, pixels.shape[2] in (2, 4))
-    _write_image(recover(pixels, key, info, model), dst, quality, icc)
+    _write_image(recover(pixels, key, info, model, jpeg=Quantization.read(data)), dst, quality, icc)
 
 
 def read_image(path: Path) -> np.ndarray:
     """A photo file as (H, W, C) uint8 or uint16, the right way up (ValueError if unreadable)."""
-    return _read_image(Path(path))[0]
+    path = Path(path)
+    return _decode_image(_read_bytes(path), str(path))[0]
 
 
 def decode_image(data: bytes, name: str = "the image") -> np.ndarray:
@@ -412,18 +424,17 @@ def _check_format(dst: Path, quality: int) -> str:
     return fmt
 
 
-def _read_image(path: Path) -> tuple[np.ndarray, bytes | None]:
-    """The image's pixels the right way up, as (H, W, C) uint8 or uint16, and its ICC profile."""
+def _read_bytes(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"no such image: {path}") from None
     except OSError as error:
         raise ValueError(f"{path} is not an image that can be read ({error})") from None
-    return _decode_image(data, str(path))
 
 
 def _decode_image(data: bytes, name: str) -> tuple[np.ndarray, bytes | None]:
+    """The image's pixels the right way up, as (H, W, C) uint8 or uint16, and its ICC profile."""
     try:
         with warnings.catch_warnings():
             # MAX_PIXELS is checked below, before any pixel is decoded

@@ -46,6 +46,7 @@ from . import pipeline
 from . import models, selfcheck
 from . import provenance as prov
 from .atomic import atomic_path
+from .jpeg import Quantization
 from .keys import KeyStoreError, UserKeys
 from .pipeline import DEFAULT_MODEL_PATH, ProtectInfo, ProtectOptions
 from .provenance import DatabaseLockedError, ProvenanceError
@@ -936,9 +937,11 @@ def _recover_one(home: Path, factory, keys_of: Callable[[str], UserKeys], job: _
         raise ServiceError(f"{src} is the original of record {record.id} (user {record.user!r}, {record.time}), "
                            "not a protected image: there is nothing to recover")
     try:
-        pixels = pipeline.read_image(src)
-    except (ValueError, FileNotFoundError) as error:
+        pixels = pipeline.decode_image(data, str(src))
+    except ValueError as error:
         raise ServiceError(str(error)) from None
+    # the file's own block grid: what its rounding says about the original (gone if resized)
+    tables = Quantization.read(data) if facts.format == "JPEG" else None
     if match.record is not None:
         record = match.record
         keys = keys_of(record.user)
@@ -954,6 +957,7 @@ def _recover_one(home: Path, factory, keys_of: Callable[[str], UserKeys], job: _
         if (width, height) != info.working_size:
             # a platform's resized copy: bring it back to the protected size; only approximate
             pixels = _resize(pixels, *info.working_size)
+            tables = None
             note = (f"the image is {width}×{height}, it was protected at {info.working_size[0]}×"
                     f"{info.working_size[1]}: resized back, the recovery is approximate")
         elif match.matched_by == "phash":
@@ -972,7 +976,7 @@ def _recover_one(home: Path, factory, keys_of: Callable[[str], UserKeys], job: _
                            "look-alike): it was not protected here, or it was cropped, rotated or filtered; "
                            "pass --user NAME to try that user's key anyway")
     try:
-        recovered = pipeline.recover(pixels, key, info, model)
+        recovered = pipeline.recover(pixels, key, info, model, jpeg=tables)
     except ValueError as error:
         raise ServiceError(f"{src}: {error}") from None
     exif, _ = clean_exif(facts.exif, (recovered.shape[1], recovered.shape[0]))

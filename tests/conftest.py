@@ -1,11 +1,14 @@
 import contextlib
 import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from agent.data import load_cifar10, shared_dir
+
+SAMPLE = Path(__file__).resolve().parents[1] / "agent" / "assets" / "sample.png"  # the bundled photo
 
 torch.set_num_threads(2)
 # never the OS keyring of the machine the tests run on (nor in the CLI's subprocesses): a backend

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -21,7 +22,6 @@ from agent import service
 from agent.cli import app
 from agent.pipeline import read_image, working_copy
 
-SAMPLE = Path(__file__).resolve().parent.parent / "agent" / "assets" / "sample.png"
 PW = "correct horse"
 runner = CliRunner()
 
@@ -93,8 +93,8 @@ def test_init_protect_log_verify_recover_with_the_runner(env, tmp_path):
     working = working_copy(read_image(photos / "street.jpg"))
     out = read_image(recovered["output"])
     assert out.shape == working.shape
-    assert service.image_psnr(out, working) > service.image_psnr(read_image(protected["street.jpg"]["output"]),
-                                                                 working)
+    # issue 4's target for JPEG outputs (written at the original's quality, 92)
+    assert service.image_psnr(out, working) >= 38
     copy = tmp_path / "copy.jpg"  # what a platform keeps: the PNG recompressed
     with Image.open(protected["park.png"]["output"]) as image:
         image.save(copy, quality=88)
@@ -252,9 +252,9 @@ def test_the_installed_agent_in_real_processes(tmp_path):
     outputs = [protected["park.png"]["output"], protected["street.jpg"]["output"]]
     recovered = json.loads(run("recover", *outputs, "-o", tmp_path / "rec", "--json").stdout)
     assert [r["matched_by"] for r in recovered] == ["sha256", "sha256"]
-    for name, r in zip(("park.png", "street.jpg"), recovered):
+    for (name, target), r in zip((("park.png", 45), ("street.jpg", 38)), recovered):  # issue 4's targets
         working = working_copy(read_image(photos / name))
         out = read_image(r["output"])
         assert out.shape == working.shape
-        assert service.image_psnr(out, working) > protected[name]["psnr"]
+        assert service.image_psnr(out, working) >= target > protected[name]["psnr"]
     assert {p: sha(p) for p in before} == before

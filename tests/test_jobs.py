@@ -20,7 +20,7 @@ from agent.rgan import train as training
 PW = "correct horse"
 KDF = 2**14
 TINY = {"epochs": 2, "crop": 32, "batch_size": 4}
-SAMPLE = Path(__file__).resolve().parent.parent / "agent" / "assets" / "sample.png"
+from conftest import SAMPLE
 
 
 @pytest.fixture(autouse=True)

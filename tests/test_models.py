@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLE
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -22,7 +23,6 @@ from agent.cli import app
 from agent.pipeline import DEFAULT_MODEL_PATH
 from agent.service import ServiceError
 
-SAMPLE = Path(__file__).resolve().parent.parent / "agent" / "assets" / "sample.png"
 CIFAR_MODEL = DEFAULT_MODEL_PATH.parent / "cifar10-rgan.safetensors"
 PW = "correct horse"
 KDF = 2**14

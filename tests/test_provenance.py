@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 from sqlalchemy import inspect, text
@@ -23,7 +24,6 @@ from agent import provenance as prov
 from agent.keys import create_user
 from agent.pipeline import ProtectInfo
 
-SAMPLE = Path(__file__).resolve().parent.parent / "agent" / "assets" / "sample.png"
 NAME = "holiday-secret-7f3a9c.png"
 SITE = "https://private-album.example.org"
 

@@ -19,12 +19,12 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
+from conftest import SAMPLE
 from PIL import Image
 
 from agent import keys as keystore
@@ -33,7 +33,6 @@ from agent import provenance as prov
 from agent.pairing import FailureGuard
 from agent.server import STATE, ServerOptions, TokenBucket, make_app, resolve_port
 
-SAMPLE = Path(__file__).resolve().parent.parent / "agent" / "assets" / "sample.png"
 PW = "correct horse"
 KDF = 2**14  # the store's minimum: fast unlocks in tests
 CHROME = "chrome-extension://" + "abcdefghijklmnopabcdefghijklmnop"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE
 from PIL import Image, ImageCms
 from sqlalchemy import select
 
@@ -22,7 +23,6 @@ from agent.pipeline import DEFAULT_MODEL_PATH, ProtectOptions, read_image
 from agent.provenance import DatabaseLockedError, ProvenanceError
 from agent.service import AgentBusyError, ServiceError
 
-SAMPLE = Path(__file__).resolve().parent.parent / "agent" / "assets" / "sample.png"
 PW = "correct horse"
 KDF = 2**14  # the store's minimum: fast unlocks in tests
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
