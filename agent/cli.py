@@ -108,6 +108,9 @@ def train(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     limit: Optional[int] = typer.Option(None, min=1, help="train on the first N images only"),
     resume: bool = typer.Option(True, help="continue from the run folder's checkpoint"),
+    warm_start: Optional[Path] = typer.Option(None, help="begin from another run's networks (its folder or "
+                                              "checkpoint file), with fresh optimisers and schedule: continue "
+                                              "a run under changed options"),
 ) -> None:
     """Train the RGAN jointly, then evaluate it on held-back images: CIFAR-10 (first 8,000 train,
     the other 2,000 evaluate) or photos (1,100 train; imagenet-sample's last 200 evaluate)."""
@@ -116,6 +119,8 @@ def train(
     if data not in PRESETS:
         fail(f"--data must be one of {', '.join(PRESETS)}, got {data!r}")
     check_device(device)
+    if warm_start is not None and not warm_start.exists():
+        fail(f"--warm-start: no run folder or checkpoint at {warm_start}")
     preset = PRESETS[data]
     model, reducer = preset.model, preset.model.reducer
     try:
@@ -140,7 +145,8 @@ def train(
             seed=given(seed, preset.seed), device=device, train_limit=limit,
         )
         out = out or Path("runs") / data
-        figures = train_and_evaluate(config, out, transfer=tuple(transfer) if transfer else None, resume=resume)
+        figures = train_and_evaluate(config, out, transfer=tuple(transfer) if transfer else None, resume=resume,
+                                     warm_start=warm_start)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
     print_metrics(f"held-back {data} ({out})", figures)

@@ -36,10 +36,13 @@ def train_and_evaluate(
     transfer: tuple[str, ...] | None = None,
     resume: bool = True,
     show_progress: bool = True,
+    warm_start: Path | None = None,
 ) -> dict[str, float]:
-    """Trains (or resumes) a run in `out_dir`, evaluates it and saves the figures as metrics.json."""
+    """Trains (or resumes) a run in `out_dir`, evaluates it and saves the figures as metrics.json.
+    `warm_start` as in `rgan.train.train`."""
     targets = [load_classifier(name) for name in config.targets]
-    trainer = train(config, training_data(config.data), targets, out_dir, resume=resume, show_progress=show_progress)
+    trainer = train(config, training_data(config.data), targets, out_dir, resume=resume, show_progress=show_progress,
+                    warm_start=warm_start)
     transfer = DEFAULT_TRANSFER[config.data] if transfer is None else transfer
     figures = evaluate(
         trainer.model, targets[0], held_back_data(config.data), kappa=config.kappa,

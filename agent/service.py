@@ -856,6 +856,7 @@ def recover_paths(home: Path, paths: Sequence[Path], out_dir: Path | None = None
     whichever users' keys are needed. An image with no record is an error, unless `user` is given:
     then the user's active key is tried without the record's information. With `user`, only that
     user's records are considered. The result has the working resolution (what was protected).
+    A JPEG at that resolution is recovered with its quantisation tables too (`agent/jpeg.py`).
     """
     home = Path(home)
     if user is not None:

@@ -58,6 +58,7 @@ def test_demo_refuses_a_photo_too_large_for_it(tmp_path, monkeypatch):
     (["--epsilon", "0"], "epsilon"),
     (["--lr", "0"], "learning rate"),
     (["--target", "no-such-net"], "unknown classifier"),
+    (["--warm-start", "no/such/run"], "no run folder or checkpoint at no/such/run"),
 ])
 def test_train_rejects_bad_options(tmp_path, args, message):
     result = runner.invoke(app, ["train", "--out", str(tmp_path), *args])

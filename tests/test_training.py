@@ -5,8 +5,8 @@ from agent.classifiers import load_classifier
 from agent.data import ImageSet, PhotoSet
 from agent.rgan.config import ModelConfig, ReducerConfig, TrainConfig
 from agent.rgan.model import load_model
-from agent.rgan.train import (CHECKPOINT_NAME, MODEL_NAME, Channel, build_trainer, resume_trainer, save_trainer,
-                              train, train_epoch)
+from agent.rgan.train import (CHECKPOINT_NAME, MODEL_NAME, Channel, build_trainer, load_networks, resume_trainer,
+                              save_trainer, train, train_epoch)
 
 SMALL = ModelConfig(width=4, g_depth=1, r_depth=1, d_width=8)
 SMALL_KEYED = ModelConfig(width=4, g_depth=1, r_depth=1, d_width=8, keyed=True, key_noise=2 / 255,
@@ -98,6 +98,27 @@ def test_train_writes_a_loadable_model_and_continues_a_finished_run(tmp_path, ti
     # asking for more epochs resumes from epoch 2
     longer = train(config.replace(epochs=3), random_images(), [tiny_classifier], tmp_path, show_progress=False)
     assert longer.epoch == 3 and [h["epoch"] for h in longer.history] == [1, 2, 3]
+
+
+def test_a_warm_start_takes_another_runs_networks_under_changed_options(tmp_path, tiny_classifier):
+    first = build_trainer(small_config(), [tiny_classifier])
+    train_epoch(first, random_images())
+    save_trainer(first, tmp_path / "first")
+    changed = small_config(kappa=40.0, lr=5e-4, lr_step=10, epochs=1)
+    trainer = train(changed, random_images(), [tiny_classifier], tmp_path / "second", show_progress=False,
+                    warm_start=tmp_path / "first")
+    assert trainer.epoch == 1 and trainer.config.kappa == 40.0
+    assert trainer.optimizers["generator"].param_groups[0]["lr"] == pytest.approx(5e-4)  # a fresh schedule
+    untrained = build_trainer(changed, [tiny_classifier])
+    load_networks(untrained, tmp_path / "first" / CHECKPOINT_NAME)
+    for name, module in first.modules().items():
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, untrained.modules()[name].state_dict()[key]), (name, key)
+    wider = build_trainer(small_config(model=ModelConfig(width=6, g_depth=1, r_depth=1, d_width=8)), [tiny_classifier])
+    with pytest.raises(ValueError, match="another shape"):
+        load_networks(wider, tmp_path / "first")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_networks(untrained, tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])

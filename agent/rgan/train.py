@@ -323,6 +323,18 @@ def resume_trainer(trainer: Trainer, out_dir: Path) -> bool:
     return True
 
 
+def load_networks(trainer: Trainer, path: Path) -> None:
+    """Only the networks of a checkpoint (a run folder's, or the file itself) into `trainer`."""
+    path = path / CHECKPOINT_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        load_checkpoint(path, trainer.modules(), {}, {})
+    except RuntimeError as error:  # load_state_dict's complaint about missing or misshapen weights
+        raise ValueError(f"{path} holds networks of another shape than these options make "
+                         f"({str(error).splitlines()[0]})") from None
+
+
 def _resumable(config: TrainConfig) -> TrainConfig:
     # the epoch count, device and precision may change between runs of one training
     return config.replace(epochs=1, device="cpu", amp=False)
@@ -337,11 +349,15 @@ def train(
     show_progress: bool = True,
     *,
     start: RGAN | None = None,
+    warm_start: Path | None = None,
     on_step: Callable[[Trainer, int, int, dict[str, float]], None] | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> Trainer:
     """Trains until `config.epochs`, checkpointing after every epoch, then writes the model.
-    `start`: weights to begin from (fine-tuning; a checkpoint in `out_dir` still wins). `on_step(
+    `start`: weights to begin from (fine-tuning; a checkpoint in `out_dir` still wins).
+    `warm_start`: another run's folder or checkpoint, whose networks (D included) to begin from
+    with fresh optimisers, schedule and epoch count: a run continued under changed options, e.g.
+    a larger margin; a checkpoint in `out_dir` still wins. `on_step(
     trainer, step, steps, means)` and `stop` as in `train_epoch`; a stop raises `TrainingStopped`
     with the last epoch's checkpoint in place. Rank 0 alone writes (see the module's docstring)."""
     out_dir = Path(out_dir)
@@ -350,6 +366,8 @@ def train(
     writer = trainer.rank == 0
     if start is not None:
         trainer.model.load_state_dict(start.state_dict())
+    if warm_start is not None:
+        load_networks(trainer, Path(warm_start))
     if resume:
         resume_trainer(trainer, out_dir)
     data = data.subset(config.train_limit)
