@@ -13,8 +13,6 @@ unprotected photo: what an unprotected upload loses to the codec alone.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,11 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent import pipeline
-from agent.atomic import write_text
 from agent.data import load_photos
 from agent.jpeg import Quantization
 from agent.rgan.keying import random_keys
-from bench.sections import write_section
+from bench.sections import run_photo_bench
 
 RESULTS = ROOT / "bench" / "results" / "jpeg_outputs.json"
 REPORT = ROOT / "docs" / "benchmarks.md"
@@ -113,20 +110,7 @@ threads, {results['seconds']:.0f} s; median recovery with the tables per photo: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--limit", type=int, default=None, help="only the first N photos of each set (a quick check)")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the saved JSON")
-    args = parser.parse_args()
-    if args.report_only:
-        results = json.loads(RESULTS.read_text())
-    else:
-        results = measure(args.limit)
-        if args.limit is None:
-            write_text(RESULTS, json.dumps(results, indent=2))
-    text = report(results)
-    if args.limit is None or args.report_only:
-        write_section(REPORT, "jpeg_outputs", text)
-    print(text)
+    run_photo_bench(__doc__, "jpeg_outputs", RESULTS, REPORT, measure, report)
 
 
 if __name__ == "__main__":

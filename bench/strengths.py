@@ -12,8 +12,6 @@ and with a wrong one.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,14 +21,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent import metrics  # noqa: E402
-from agent.atomic import write_text  # noqa: E402
-from agent.classifiers import load_classifier  # noqa: E402
-from agent.data import centre_crops, load_photos, to_float  # noqa: E402
-from agent.pipeline import DEFAULT_MODEL_PATH, REFINE_STEPS, STRENGTHS  # noqa: E402
-from agent.rgan.keying import batch_patterns, random_keys  # noqa: E402
-from agent.rgan.model import load_model, quantize  # noqa: E402
-from bench.sections import write_section  # noqa: E402
+from agent import metrics
+from agent.classifiers import load_classifier
+from agent.data import centre_crops, load_photos, to_float
+from agent.pipeline import DEFAULT_MODEL_PATH, REFINE_STEPS, STRENGTHS
+from agent.rgan.keying import batch_patterns, random_keys
+from agent.rgan.model import load_model, quantize
+from bench.sections import run_photo_bench
 
 RESULTS = ROOT / "bench" / "results" / "strengths.json"
 REPORT = ROOT / "docs" / "benchmarks.md"
@@ -89,20 +86,7 @@ key gets the same refinement.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--limit", type=int, default=None, help="only the first N photos (a quick check)")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the saved JSON")
-    args = parser.parse_args()
-    if args.report_only:
-        results = json.loads(RESULTS.read_text())
-    else:
-        results = measure(args.limit)
-        if args.limit is None:
-            write_text(RESULTS, json.dumps(results, indent=2))
-    text = report(results)
-    if args.limit is None or args.report_only:
-        write_section(REPORT, "strengths", text)
-    print(text)
+    run_photo_bench(__doc__, "strengths", RESULTS, REPORT, measure, report)
 
 
 if __name__ == "__main__":
