@@ -314,7 +314,7 @@ def test_sixteen_bit_grayscale_png_round_trip(model, tmp_path):
     assert info.mode == "L" and info.bit_depth == 16
     expected, _ = protect(grey, KEY, model=model)
     # Pillow would read this 16-bit RGB file as 8-bit; the pipeline keeps every bit
-    protected, _ = pipeline._read_image(tmp_path / "protected.png")
+    protected = read_image(tmp_path / "protected.png")
     assert protected.dtype == np.uint16 and np.array_equal(protected, expected)
     recover_file(tmp_path / "protected.png", tmp_path / "recovered.png", KEY, info, model=model)
     with Image.open(tmp_path / "recovered.png") as image:
