@@ -135,7 +135,7 @@ def _laplace_mean(low: np.ndarray, high: np.ndarray, scale: np.ndarray) -> np.nd
     """The mean of a Laplace(0, scale) variable restricted to [low, high] (high > low), elementwise.
 
     On one side of zero it is a truncated exponential; across zero, the two halves' moments are
-    combined. Every exponential here has a non-positive argument, so nothing overflows."""
+    combined. Only the truncated exponential's expm1 can overflow, and inf is its right limit."""
     scale = np.broadcast_to(scale, low.shape)
     width = high - low
     # the mean of an exponential truncated to [0, width], measured from its near end (a very
