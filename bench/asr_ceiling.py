@@ -1,4 +1,4 @@
-"""Why the CIFAR-10 reproduction's ASR stops near 94%: where the shipped model's protected images
+"""Why the CIFAR-10 reproduction's ASR stops short of 95%: where the shipped model's protected images
 go, and how much attack its generator leaves unused. Writes the section "asr_ceiling" of
 docs/benchmarks.md and bench/results/asr_ceiling.json.
 
@@ -86,7 +86,7 @@ def relative(path: Path) -> str:
 
 
 def report(figures: dict) -> str:
-    lines = ["## Why ASR stops near 94% (CIFAR-10)", "",
+    lines = ["## Where the CIFAR-10 attack sends images, and what it leaves unused", "",
              "Classifier `cifar-resnet20`, protected images rounded to 8 bits; "
              "`bench/asr_ceiling.py --model …` regenerates this section.", "",
              "| model | images | G's perturbation | its sign averaged over images, at ±ε | "
@@ -118,14 +118,12 @@ def main() -> None:
         figures = json.loads(RESULTS.read_text())
     else:
         classifier = load_classifier("cifar-resnet20")
+        splits = {name: load_cifar10(split) for name, split in (("held back", "test"), ("training", "train"))}
         figures = {}
         for path in args.model:
             model, _ = load_model(path)
-            model.eval()
-            figures[relative(path)] = {}
-            for name, split in (("held back", "test"), ("training", "train")):
-                data = load_cifar10(split)
-                figures[relative(path)][name] = measure(model, classifier, to_float(data.images), data.labels)
+            figures[relative(path)] = {name: measure(model.eval(), classifier, to_float(data.images), data.labels)
+                                       for name, data in splits.items()}
         write_text(RESULTS, json.dumps(figures, indent=2))
     text = report(figures)
     write_section(REPORT, "asr_ceiling", text)
