@@ -108,6 +108,11 @@ class BatchedModel:
     def __init__(self, model: RGAN, batcher: MicroBatcher):
         self._model, self._batcher = model, batcher
 
+    @property
+    def model(self) -> RGAN:
+        """The model itself (the refine scheme runs G's proposal unbatched, on the CPU)."""
+        return self._model
+
     def perturbation(self, x: torch.Tensor, pattern: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
         return self._batcher.run(self._model.perturbation, x, pattern, strength)
 

@@ -1,15 +1,18 @@
-"""Protect and recover real photos of any size with a keyed RGAN: the library API under the CLI
-and the service.
+"""Protect and recover real photos of any size with the user's key: the library API under the
+CLI and the service.
 
-A photo is brought to its working resolution (never upscaled), its colour channels are protected
-by G + DR conditioned on the key's pattern, and what recovery will need to know about the
-original (sizes, channel layout, bit depth, key pattern version) is returned as `ProtectInfo`.
-Recovery subtracts R's estimate at the working resolution: a photo that was downscaled for
-protection cannot get its original pixels back, only the working-size image.
+A photo is brought to its working resolution (never upscaled) and its colour channels are
+protected by the *refine* scheme: G's proposal plus a few steps against the surrogate on the
+views a platform's classifier sees (`refine.py`), applied by a keyed additive coupling that the
+key holder undoes exactly (`coupling.py`). What recovery needs to know about the original (sizes,
+channel layout, bit depth, strength, attempt) is returned as `ProtectInfo`, and what the record
+keeps for copies that were recompressed (the field, the pixels that clipped) as its `recovery`.
+A photo that was downscaled for protection gets back its working-size image, not its pixels.
 
-Large photos are run tile by tile. The networks are fully convolutional and the photo model uses
-batch normalisation, which in eval mode is a fixed per-channel affine map, so every output pixel
-depends only on a bounded neighbourhood: a tile with enough context around it gives the same
+Photos protected by the first model (the *rgan* scheme: G + DR, R's estimate refined with G)
+still recover through the same call; their records say so by having no scheme. That path runs
+large photos tile by tile: the networks are fully convolutional with batch normalisation, a
+fixed per-channel affine map in eval mode, so a tile with enough context around it gives the same
 centre as the whole image does, while memory stays bounded by the tile size.
 """
 
@@ -24,7 +27,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,10 +37,14 @@ import torch
 from PIL import Image, ImageOps
 
 from .atomic import atomic_path
+from .coupling import Coupling
 from .jpeg import Quantization, most_likely_original
+from .recovery import RecoveryData
+from .refine import ATTEMPTS, Budget, Refinement, fixed_threads, views
 from .rgan.keying import PATTERN_VERSION, check_key, key_pattern
 from .rgan.model import RGAN, load_model
 from .rgan.nets import ENCODER_STRIDE
+from .surrogate import surrogate
 
 # the shipped photo model, used wherever no model is given
 DEFAULT_MODEL_PATH = Path(str(resources.files("agent") / "weights" / "photo-rgan.safetensors"))
@@ -49,11 +56,18 @@ BIT_DEPTHS = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}
 SUFFIX_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 # Tile origins are kept on this grid (see `_alignment`), so the tile size must lie on it too.
 TILE_GRID = 16
-# How much of G's learned share goes into the photo; medium is what training tuned. Stronger
-# fools more classifiers and is more visible (the key pattern's share stays as it is).
-STRENGTHS = {"low": 0.5, "medium": 1.0, "high": 1.5}
+# What each strength spends (`refine.Budget`: the field's bound in grey levels on its half of the
+# pixels, the steps, the key pattern's amplitude on the other half). Stronger fools more
+# classifiers and is more visible; docs/benchmarks.md has the figures.
+STRENGTHS = {"low": Budget(3.0, 4, 1), "medium": Budget(6.0, 5, 1), "high": Budget(10.0, 6, 2)}
 DEFAULT_STRENGTH = "medium"
-# fixed-point steps after R (RGAN.refine_step): two reach what clipping and rounding leave
+# the schemes: "refine" protects today; "rgan" is the first model's (G + DR, recovered by R), whose
+# records still recover
+SCHEMES = ("rgan", "refine")
+# the rgan scheme: how much of G's learned share went into the photo at each strength
+RGAN_STRENGTHS = {"low": 0.5, "medium": 1.0, "high": 1.5}
+# the rgan scheme: fixed-point steps after R (RGAN.refine_step), which reach what clipping and
+# rounding leave
 REFINE_STEPS = 2
 
 
@@ -105,6 +119,11 @@ class ProtectInfo:
     bit_depth: int
     key_pattern_version: int = PATTERN_VERSION
     strength: str = DEFAULT_STRENGTH
+    scheme: str = "rgan"
+    # which of the refine scheme's attempts fooled the surrogate (`refine.ATTEMPTS`)
+    attempt: int = 0
+    # what the record keeps, sealed, beside this info (not part of it: not in `to_dict`)
+    recovery: RecoveryData | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("original_size", "working_size"):
@@ -124,9 +143,13 @@ class ProtectInfo:
             raise ValueError(f"key_pattern_version must be a positive integer, got {self.key_pattern_version!r}")
         if self.strength not in STRENGTHS:
             raise ValueError(f"strength must be one of {', '.join(STRENGTHS)}, got {self.strength!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        if not _is_int(self.attempt) or not 0 <= self.attempt < ATTEMPTS or (self.attempt and self.scheme != "refine"):
+            raise ValueError(f"attempt must be an integer in 0..{ATTEMPTS - 1} (refine scheme only), got {self.attempt!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "original_size": list(self.original_size),
             "working_size": list(self.working_size),
             "mode": self.mode,
@@ -134,6 +157,10 @@ class ProtectInfo:
             "key_pattern_version": self.key_pattern_version,
             "strength": self.strength,
         }
+        # the rgan scheme's records were written before schemes existed, and keep that form
+        if self.scheme != "rgan":
+            out.update(scheme=self.scheme, attempt=self.attempt)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProtectInfo:
@@ -142,9 +169,11 @@ class ProtectInfo:
         if not isinstance(data, dict):
             raise ValueError(f"protect info must be a dict, got {type(data).__name__}")
         fields = {"original_size", "working_size", "mode", "bit_depth", "key_pattern_version", "strength"}
-        # records written before strengths existed were all protected at the default
-        if set(data) != fields and set(data) != fields - {"strength"}:
-            missing, unknown = sorted(fields - set(data)), sorted(set(data) - fields)
+        # records written before strengths existed were all protected at the default, and those
+        # written before schemes existed by the rgan scheme
+        allowed = (fields, fields - {"strength"}, fields | {"scheme", "attempt"})
+        if set(data) not in allowed:
+            missing, unknown = sorted(fields - set(data)), sorted(set(data) - fields - {"scheme", "attempt"})
             raise ValueError(f"protect info fields do not match (missing: {missing}, unknown: {unknown})")
         return cls(**data)
 
@@ -161,10 +190,13 @@ def default_model() -> RGAN:
 
 def protect(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOptions(),
             model: RGAN | None = None) -> tuple[np.ndarray, ProtectInfo]:
-    """Protects a photo ((H, W) or (H, W, C) uint8/uint16) with the key.
+    """Protects a photo ((H, W) or (H, W, C) uint8/uint16) with the key, by the refine scheme;
+    `model` (a keyed RGAN, by default the shipped one) proposes where the steps start.
 
     Returns the protected image at working resolution, in colour (RGB or RGBA, same dtype), and
-    the `ProtectInfo` that recovery and provenance need. Alpha is carried over untouched.
+    the `ProtectInfo` that recovery and provenance need (its `recovery`: what the record keeps
+    sealed). Alpha is carried over untouched. Attempts are made until both views of the surrogate
+    are fooled (at most `refine.ATTEMPTS`); the info says which one was kept.
     """
     pixels, mode = _check_image(image)
     check_key(key)
@@ -173,31 +205,78 @@ def protect(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOpti
     if (work_w, work_h) != (width, height):
         pixels = _resize(pixels, work_w, work_h)
     colour, alpha = _split(pixels)
+    # Grayscale photos come back in colour: the classifiers look at colour, and the field is per
+    # channel; the three channels of a grey original recover identical, so recovery gives the grey
+    # back exactly.
+    colour = np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour
+    budget = STRENGTHS[options.strength]
+    net = default_model() if model is None else model
+    with fixed_threads():
+        clean = surrogate_labels(colour)
+        for attempt in range(ATTEMPTS):
+            refinement = Refinement(key, budget, np.iinfo(colour.dtype).max, net, attempt)
+            coupled = _coupling(key, budget, refinement, colour.dtype).couple(colour)
+            if bool((surrogate_labels(coupled.pixels) != clean).all()):
+                break
+    protected = coupled.pixels
+    result = protected if alpha is None else np.concatenate([protected, alpha], axis=2)
+    recovery = RecoveryData(refinement.field, coupled.clipped_at, coupled.clipped_values)
+    return result, ProtectInfo((width, height), (work_w, work_h), mode, BIT_DEPTHS[pixels.dtype],
+                               strength=options.strength, scheme="refine", attempt=attempt, recovery=recovery)
+
+
+def protect_rgan(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOptions(),
+                 model: RGAN | None = None) -> tuple[np.ndarray, ProtectInfo]:
+    """The rgan scheme's protection (G + DR conditioned on the key's pattern, tile by tile above
+    `options.tile_above`): what the first model made, kept so that such files can be made again,
+    to check that they still recover and to evaluate that model (`agent eval`)."""
+    pixels, mode = _check_image(image)
+    check_key(key)
+    height, width = pixels.shape[:2]
+    work_w, work_h = _working_size(width, height, options.max_side)
+    if (work_w, work_h) != (width, height):
+        pixels = _resize(pixels, work_w, work_h)
+    colour, alpha = _split(pixels)
     with _inference(model) as net:
-        strength = STRENGTHS[options.strength]
+        strength = RGAN_STRENGTHS[options.strength]
         protected = _run(colour, key, net, options, lambda x, pattern: x + net.perturbation(x, pattern, strength))
-    # Grayscale photos come back in colour: R was trained on colour perturbations and needs all
-    # three channels of G's output; averaging them back to one channel would throw away most of
-    # what R reads and what the key pattern put there (an independent sign per channel).
     result = protected if alpha is None else np.concatenate([protected, alpha], axis=2)
     return result, ProtectInfo((width, height), (work_w, work_h), mode, BIT_DEPTHS[pixels.dtype],
                                strength=options.strength)
 
 
-def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, model: RGAN | None = None,
-            *, options: ProtectOptions = ProtectOptions(), jpeg: Quantization | None = None) -> np.ndarray:
-    """Undoes the protection with the key: the image minus R's estimate of the perturbation, then
-    `REFINE_STEPS` fixed-point steps with G (`RGAN.refine_step`), at the strength it was protected
-    with (from `info`; without it, `options.strength`).
+def surrogate_labels(colour: np.ndarray) -> np.ndarray:
+    """The surrogate's top-1 label on both views (crop, squash) of an (H, W, 3) image."""
+    scale = np.iinfo(colour.dtype).max
+    x = torch.from_numpy(colour.astype(np.float32) / scale).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        return surrogate()(views(x)).argmax(1).numpy()
 
-    `jpeg`: the quantisation tables of the JPEG file that `image` was decoded from, unresized
-    (`Quantization.read`). Recovery then also uses what the file's rounding says about the
-    original (`jpeg.most_likely_original`), which gains several dB over subtracting alone.
+
+def _coupling(key: bytes, budget: Budget, field: Any, dtype: np.dtype) -> Coupling:
+    unit = np.iinfo(dtype).max // 255
+    return Coupling(key, field, budget.pattern * unit, budget.reach)
+
+
+def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, model: RGAN | None = None,
+            *, options: ProtectOptions = ProtectOptions(), jpeg: Quantization | None = None,
+            recovery: RecoveryData | None = None, copy: bool | None = None) -> np.ndarray:
+    """Undoes the protection with the key (and, for the rgan scheme, the model that protected).
+
+    From the protected pixels themselves (a PNG, a lossless WebP) the refine scheme is undone
+    exactly: the key pattern, then the field recomputed from the restored half. A *copy* (`copy`;
+    by default, whenever `jpeg` tables are given) holds other pixels, from which the field cannot
+    be recomputed: the field the record kept (`recovery`) is subtracted instead, and with `jpeg`
+    (the tables of the unresized JPEG the pixels came from) the file's rounding narrows the
+    estimate further (`jpeg.most_likely_original`).
+
+    Without `info` (no record) the refine scheme is assumed, and every strength and attempt is
+    tried: the one that leaves the field half smoothest against the other half is kept.
 
     The result has the protected image's size (the working resolution: pixels dropped by a
     downscale before protection cannot come back) and dtype. With `info`, the image must still
     have the working size, and a grayscale original comes back grayscale ((H, W) or (H, W, 2)).
-    Only the tiling fields and the strength of `options` apply.
+    For the rgan scheme only the tiling fields and the strength of `options` apply.
     """
     pixels, mode = _check_image(image)
     check_key(key)
@@ -211,8 +290,87 @@ def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, mode
             raise ValueError(f"the image was protected with key pattern version {info.key_pattern_version}; "
                              f"this agent makes version {PATTERN_VERSION}")
     colour, alpha = _split(pixels)
-    strength = STRENGTHS[info.strength if info is not None else options.strength]
-    with _inference(model) as net:
+    colour = np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour
+    copy = jpeg is not None if copy is None else copy
+    net = default_model() if model is None else model
+    if info is not None and info.scheme == "rgan":
+        recovered = _recover_rgan(colour, key, RGAN_STRENGTHS[info.strength], net, options, jpeg)
+    elif copy and recovery is not None:
+        with fixed_threads():
+            recovered = _recover_copy(colour, key, info, recovery, jpeg)
+    elif info is not None:
+        with fixed_threads():
+            recovered = _uncouple(colour, key, info.strength, info.attempt, net, recovery)
+    else:
+        with fixed_threads():
+            recovered = _recover_unknown(colour, key, net)
+    if (info.mode if info is not None else mode) in ("L", "LA"):
+        # the three channels were protected apart; their mean is the best estimate of the one
+        grey = np.rint(recovered.mean(axis=2, dtype=np.float64)).astype(pixels.dtype)
+        return grey if alpha is None else np.stack([grey, alpha[..., 0]], axis=2)
+    return recovered if alpha is None else np.concatenate([recovered, alpha], axis=2)
+
+
+def _uncouple(colour: np.ndarray, key: bytes, strength: str, attempt: int, net: RGAN,
+              recovery: RecoveryData | None = None) -> np.ndarray:
+    budget = STRENGTHS[strength]
+    refinement = Refinement(key, budget, np.iinfo(colour.dtype).max, net, attempt)
+    clipped = (recovery.clipped_at, recovery.clipped_values) if recovery is not None else (None, None)
+    return _coupling(key, budget, refinement, colour.dtype).uncouple(colour, *clipped)
+
+
+def _recover_unknown(colour: np.ndarray, key: bytes, net: RGAN) -> np.ndarray:
+    """Every strength and attempt tried; kept: the one whose field half differs least from what
+    the other half predicts of it (a wrong guess leaves a field there, the right one none)."""
+    best, best_roughness = colour, math.inf
+    for strength in STRENGTHS:
+        for attempt in range(ATTEMPTS):
+            candidate = _uncouple(colour, key, strength, attempt, net)
+            roughness = _roughness(candidate, key)
+            if roughness < best_roughness:
+                best, best_roughness = candidate, roughness
+    return best
+
+
+def _roughness(colour: np.ndarray, key: bytes) -> float:
+    from .coupling import estimate, field_part
+
+    part = torch.from_numpy(field_part(key, *colour.shape[:2]))
+    planes = torch.from_numpy(np.ascontiguousarray(colour.transpose(2, 0, 1)).astype(np.int32))
+    predicted = estimate(planes, ~part)
+    return float(((planes.float() - predicted).abs() * part).sum() / part.sum().clamp(min=1))
+
+
+def _recover_copy(colour: np.ndarray, key: bytes, info: ProtectInfo | None, recovery: RecoveryData,
+                  jpeg: Quantization | None) -> np.ndarray:
+    """A copy minus the change protection made, rebuilt from the record's field and the key (the
+    headroom read off the copy, which only matters beside black and white)."""
+    strength, attempt = (info.strength, info.attempt) if info is not None else (DEFAULT_STRENGTH, 0)
+    budget = STRENGTHS[strength]
+    maxval = np.iinfo(colour.dtype).max
+
+    def kept_field(known: torch.Tensor, mask: torch.Tensor, room: Any) -> torch.Tensor:
+        from .refine import resample
+
+        return torch.from_numpy(resample(recovery.field.astype(np.float32) * (maxval / 255), *known.shape[-2:]))
+
+    change = _coupling(key, budget, kept_field, colour.dtype).change(colour)
+    if jpeg is not None and colour.dtype == np.uint8:
+        return most_likely_original(colour, change, jpeg)
+    # A copy's codec or resizer kept the field, which is smooth, but not the pixel-to-pixel
+    # alternation between the two halves: what is subtracted is the change averaged over 3×3
+    # (1 dB better than the change itself on JPEG-90 4:2:0 copies, bench/quality.py).
+    planes = torch.from_numpy(change.transpose(2, 0, 1).astype(np.float32))[None]
+    smooth = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(planes, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    estimate = colour.astype(np.float64) - smooth[0].permute(1, 2, 0).numpy()
+    return np.clip(np.rint(estimate), 0, maxval).astype(colour.dtype)
+
+
+def _recover_rgan(colour: np.ndarray, key: bytes, strength: float, net: RGAN, options: ProtectOptions,
+                  jpeg: Quantization | None) -> np.ndarray:
+    """The rgan scheme: the image minus R's estimate of the perturbation, then `REFINE_STEPS`
+    fixed-point steps with G (`RGAN.refine_step`), and with `jpeg` the file's rounding."""
+    with _inference(net) as net:
         recovered = _run(colour, key, net, options, lambda x, pattern: net.recover(x, pattern, strength))
         for _ in range(REFINE_STEPS):
             # each step is a whole pass over the image, so tiles see each other's latest estimate
@@ -223,11 +381,7 @@ def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, mode
             reprotected = _run(recovered, key, net, options,
                                lambda x, pattern: x + net.perturbation(x, pattern, strength))
             recovered = most_likely_original(colour, reprotected.astype(np.int16) - recovered, jpeg)
-    if (info.mode if info is not None else mode) in ("L", "LA"):
-        # the three channels were protected apart; their mean is the best estimate of the one
-        grey = np.rint(recovered.mean(axis=2, dtype=np.float64)).astype(pixels.dtype)
-        return grey if alpha is None else np.stack([grey, alpha[..., 0]], axis=2)
-    return recovered if alpha is None else np.concatenate([recovered, alpha], axis=2)
+    return recovered
 
 
 def protect_file(src: Path, dst: Path, key: bytes, options: ProtectOptions = ProtectOptions(),

@@ -568,9 +568,17 @@ def record_protection(session: Session, keys: UserKeys, *, original: bytes, prot
     key_id = keys.active_rgan_key.key_id if rgan_key_id is None else rgan_key_id
     keys.key_for(key_id)  # a KeyStoreError naming the user's keys if it is not one of them
     params = dict(params or {})
-    if "protect_info" in params:
-        raise ValueError("params must not hold 'protect_info': it is taken from `info`")
+    for taken in ("protect_info", "recovery"):
+        if taken in params:
+            raise ValueError(f"params must not hold {taken!r}: it is taken from `info`")
     params["protect_info"] = info.to_dict()
+    record_id = uuid.uuid4().hex
+    recovery = getattr(info, "recovery", None)
+    if recovery is not None:
+        # what recovery needs beyond the file (the field, the clipped pixels) reveals the original
+        # where it clipped, so it is sealed like the file name; the signature covers the sealed form
+        sealed = keystore.encrypt_data(keys.data_key, recovery.to_bytes(), _aad("recovery", record_id, keys.user))
+        params["recovery"] = base64.b64encode(sealed).decode("ascii")
     params_text = canonical(params).decode("ascii")
     (original_w, original_h), (working_w, working_h) = info.original_size, info.working_size
     moment = _time_text(now or datetime.now(UTC))
@@ -584,7 +592,6 @@ def record_protection(session: Session, keys: UserKeys, *, original: bytes, prot
         _begin_write(session)
         user = _register_user(session, keys)
         seq, prev_hash = _next_link(session, user)
-        record_id = uuid.uuid4().hex
         row = ProtectionRow(
             id=record_id, version=RECORD_VERSION, user_id=user.id, seq=seq, time=moment, source=source,
             file_name_enc=_seal(keys, "file_name", record_id, file_name),
@@ -650,6 +657,22 @@ def decrypt_record(record: Record, keys: UserKeys) -> Record:
                                   f"{name.replace('_', ' ')} does not decrypt ({error}); "
                                   "run `agent log verify`") from None
     return dataclasses.replace(record, decrypted=True, **opened)
+
+
+def open_recovery(record: Record, keys: UserKeys) -> bytes | None:
+    """The recovery data sealed in a record (`pipeline.ProtectInfo.recovery`'s bytes), or None for
+    a record that has none (the rgan scheme's)."""
+    sealed = record.params.get("recovery") if isinstance(record.params, dict) else None
+    if sealed is None:
+        return None
+    if record.user != keys.user:
+        raise ProvenanceError(f"record {record.id} belongs to user {record.user!r}, not {keys.user!r}")
+    try:
+        return keystore.decrypt_data(keys.data_key, base64.b64decode(sealed, validate=True),
+                                     _aad("recovery", record.id, record.user))
+    except (KeyStoreError, ValueError, TypeError) as error:
+        raise ProvenanceError(f"record {record.id} (user {record.user!r}, #{record.seq}): its sealed recovery "
+                              f"data does not decrypt ({error}); run `agent log verify`") from None
 
 
 def find_by_sha256(session: Session, digest: str | bytes, *, original: bool = False) -> list[Record]:

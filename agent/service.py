@@ -50,6 +50,7 @@ from .jpeg import Quantization
 from .keys import KeyStoreError, UserKeys
 from .pipeline import DEFAULT_MODEL_PATH, ProtectInfo, ProtectOptions
 from .provenance import DatabaseLockedError, ProvenanceError
+from .recovery import RecoveryData
 
 try:  # HEIC/HEIF (iPhone photos) through pillow-heif; without it those files get a clear error
     import pillow_heif
@@ -954,6 +955,14 @@ def _recover_one(home: Path, factory, keys_of: Callable[[str], UserKeys], job: _
         except (KeyError, TypeError, ValueError) as error:
             raise ServiceError(f"record {record.id} holds no usable protect info ({error}); "
                                "run `agent log verify`") from None
+        try:
+            sealed = prov.open_recovery(record, keys)
+            recovery = None if sealed is None else RecoveryData.from_bytes(sealed)
+        except (ProvenanceError, ValueError) as error:
+            raise ServiceError(f"record {record.id}: {error}") from None
+        # the protected pixels themselves can be undone exactly; any other pixels are a copy
+        copy = match.matched_by != "sha256" or facts.format in ("JPEG", "HEIF") or \
+            (facts.format == "WEBP" and not facts.lossless)
         width, height = pixels.shape[1], pixels.shape[0]
         if (width, height) != info.working_size:
             # a platform's resized copy: bring it back to the protected size; only approximate
@@ -968,7 +977,7 @@ def _recover_one(home: Path, factory, keys_of: Callable[[str], UserKeys], job: _
         keys = keys_of(user)
         with factory.begin() as session:
             _, model = models.active_model(session, home, keys)
-        key, info = keys.active_rgan_key.key, None
+        key, info, recovery, copy = keys.active_rgan_key.key, None, None, None
         owner, matched_by, distance, record_id = user, "user", None, None
         note = (f"no record of this image: recovered with {user!r}'s active key, which is right only if "
                 "that key protected it")
@@ -977,7 +986,8 @@ def _recover_one(home: Path, factory, keys_of: Callable[[str], UserKeys], job: _
                            "look-alike): it was not protected here, or it was cropped, rotated or filtered; "
                            "pass --user NAME to try that user's key anyway")
     try:
-        recovered = pipeline.recover(pixels, key, info, model, jpeg=tables)
+        recovered = pipeline.recover(pixels, key, info, model, jpeg=tables, recovery=recovery,
+                                     copy=copy or note is not None)
     except ValueError as error:
         raise ServiceError(f"{src}: {error}") from None
     exif, _ = clean_exif(facts.exif, (recovered.shape[1], recovered.shape[0]))

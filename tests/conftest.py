@@ -96,3 +96,18 @@ def imagenet_val():
     if not (shared_dir() / "data" / "photos").exists():
         pytest.skip("../shared is not available")
     return load_photos("imagenet-val")
+
+
+@pytest.fixture(autouse=True)
+def quick_protection(request, monkeypatch):
+    """Most tests check what happens around a protection (files, records, the service, the
+    extension), not how strong it is: they get one step and one attempt, several times cheaper.
+    Tests of the protection itself are marked `full_protection` and get the real budgets."""
+    if request.node.get_closest_marker("full_protection"):
+        return
+    from agent import pipeline
+    from agent.refine import Budget
+
+    cheap = {name: Budget(budget.epsilon, 1, budget.pattern) for name, budget in pipeline.STRENGTHS.items()}
+    monkeypatch.setattr(pipeline, "STRENGTHS", cheap)
+    monkeypatch.setattr(pipeline, "ATTEMPTS", 1)

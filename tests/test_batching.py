@@ -93,9 +93,9 @@ def test_protecting_through_the_batcher_gives_the_pixels_of_protecting_alone():
     model = pipeline.default_model()
     images = [np.random.default_rng(i).integers(0, 256, (40, 56, 3), dtype=np.uint8) for i in range(4)]
     keys = [bytes([i + 1]) * 32 for i in range(4)]
-    alone = [pipeline.protect(image, key, model=model)[0] for image, key in zip(images, keys)]
+    alone = [pipeline.protect_rgan(image, key, model=model)[0] for image, key in zip(images, keys)]
     batched = BatchedModel(model, MicroBatcher(max_batch=4, wait=0.5))
-    together = concurrently(4, lambda i: pipeline.protect(images[i], keys[i], model=batched)[0])
+    together = concurrently(4, lambda i: pipeline.protect_rgan(images[i], keys[i], model=batched)[0])
     for a, b in zip(alone, together):
         # batched convolutions may sum in another order: at most one grey level, and rarely
         difference = np.abs(a.astype(int) - b.astype(int))

@@ -292,15 +292,15 @@ def test_models_commands_with_the_runner(home, mine, tmp_path):
 
 # ---------------------------------------------------------------- protect and recover with them
 
-def halve_recoverer_output(tensors: dict) -> None:
-    last = [name for name in tensors if name.startswith("recoverer.") and name.endswith(".weight")][-1]
+def halve_generator_output(tensors: dict) -> None:
+    last = [name for name in tensors if name.startswith("generator.") and name.endswith(".weight")][-1]
     tensors[last] = tensors[last] * 0.5
 
 
 def test_protection_uses_the_active_model_and_recovery_the_one_that_protected(home, tmp_path):
-    """A user's own model protects once it is active; a record names it by SHA-256, and recovery
-    uses that model even after the user has switched back to the shipped one."""
-    variant = write_variant(tmp_path / "variant.safetensors", halve_recoverer_output)
+    """A user's own model proposes where protection starts once it is active; a record names it by
+    SHA-256, and recovery uses that model even after the user has switched back to the shipped one."""
+    variant = write_variant(tmp_path / "variant.safetensors", halve_generator_output)
     variant_model, _ = models.model_from_bytes(variant.read_bytes(), "variant")
     models.import_model(home, "alice", PW, variant, name="variant")
     models.use_model(home, "alice", "variant")

@@ -656,7 +656,10 @@ def test_resolve_port(monkeypatch):
 
 
 @aio
-async def test_micro_batched_uploads_share_forward_passes_and_each_gets_its_own_record(serve, factory, keys):
+async def test_uploads_arriving_together_each_get_their_own_record(serve, factory, keys):
+    """With micro-batching on, uploads arriving together are still protected apart: the refine
+    scheme runs on the CPU, where the key holder can recompute it, so nothing goes through the
+    batcher (it only serves the rgan scheme's G)."""
     # a long wait, so that the uploads meet however slowly a busy test machine decodes them
     client = await serve(workers=4, micro_batch=4, micro_batch_wait=1.0)
     token = token_for(factory)
@@ -677,7 +680,6 @@ async def test_micro_batched_uploads_share_forward_passes_and_each_gets_its_own_
     assert {r.protected_sha256 for r in records} == {hashlib.sha256(d).hexdigest() for d in datas}
     inference = (await (await client.get("/v1/status")).json())["inference"]
     assert inference["device"] == "cpu" and inference["micro_batch"] == 4
-    assert inference["mean_batch"] > 1  # at least two uploads went through one forward pass
 
 
 # ---------------------------------------------------------------- a real `agent serve`

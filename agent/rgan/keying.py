@@ -36,8 +36,10 @@ def check_key(key: bytes) -> bytes:
     return bytes(key)
 
 
-def _keystream(key: bytes, length: int) -> bytes:
-    stream_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO).derive(check_key(key))
+def keystream(key: bytes, length: int, info: bytes = _HKDF_INFO) -> bytes:
+    """`length` bytes of ChaCha20 keystream under a key derived from the user's key for one
+    purpose (`info`): each use of the key gets its own independent stream."""
+    stream_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(check_key(key))
     encryptor = Cipher(algorithms.ChaCha20(stream_key, _NONCE), mode=None).encryptor()
     return encryptor.update(bytes(length))
 
@@ -53,7 +55,7 @@ def key_pattern(key: bytes, height: int, width: int) -> torch.Tensor:
     if height < 1 or width < 1:
         raise ValueError(f"pattern size must be positive, got {height}x{width}")
     count = PATTERN_CHANNELS * height * width
-    bits = np.unpackbits(np.frombuffer(_keystream(key, (count + 7) // 8), dtype=np.uint8))[:count]
+    bits = np.unpackbits(np.frombuffer(keystream(key, (count + 7) // 8), dtype=np.uint8))[:count]
     signs = bits.astype(np.int8) * 2 - 1
     return torch.from_numpy(signs.reshape(PATTERN_CHANNELS, height, width))
 

@@ -1,0 +1,265 @@
+"""The refine scheme (issue 16): the keyed coupling undoes exactly what it did, the field fools the
+surrogate on the platform's views, and recovery is exact from the file, follows the record for
+copies, and needs the key."""
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE
+from PIL import Image
+
+from agent import pipeline
+from agent.coupling import Coupling, estimate, field_part, headroom
+from agent.jpeg import Quantization
+from agent.pipeline import ProtectInfo, ProtectOptions, protect, protect_rgan, recover, surrogate_labels
+from agent.recovery import RecoveryData
+from agent.refine import Budget, field_size, views
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.full_protection
+
+
+def photo(width: int, height: int) -> np.ndarray:
+    with Image.open(SAMPLE) as image:
+        image = image.convert("RGB")
+        scale = min(image.width / width, image.height / height)
+        box = (0, 0, round(width * scale), round(height * scale))
+        return np.asarray(image.resize((width, height), Image.Resampling.LANCZOS, box=box))
+
+
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    scale = float(np.iinfo(image.dtype).max)
+    mse = np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(scale**2 / mse)
+
+
+# ---------------------------------------------------------------- the coupling, with any field
+
+
+def test_the_split_is_keyed_and_versioned():
+    """Version 1 of the split: if these change, every protected image stops recovering."""
+    part = field_part(KEY, 4, 6)
+    assert np.packbits(part).tobytes().hex() == "666a95"
+    assert part.sum() == 12  # one diagonal of every 2×2 cell
+    assert not np.array_equal(field_part(OTHER_KEY, 64, 64), field_part(KEY, 64, 64))
+    odd = field_part(KEY, 7, 5)
+    assert odd.shape == (7, 5)
+
+
+def test_every_unknown_pixel_has_known_neighbours_and_the_estimate_uses_only_them():
+    rng = np.random.default_rng(0)
+    planes = torch.from_numpy(rng.integers(0, 256, (3, 9, 11)).astype(np.int16))
+    part = torch.from_numpy(field_part(KEY, 9, 11))
+    first = estimate(planes, ~part)
+    scrambled = planes.clone()
+    scrambled[:, part] = torch.from_numpy(rng.integers(0, 256, (3, int(part.sum()))).astype(np.int16))
+    assert torch.equal(first, estimate(scrambled, ~part))
+    assert torch.equal(first[:, ~part], planes[:, ~part].float())
+
+
+def test_headroom_keeps_changes_inside_black_and_white():
+    planes = torch.full((1, 6, 6), 250, dtype=torch.int16)
+    planes[0, :, :3] = 3
+    known = torch.from_numpy(field_part(KEY, 6, 6))
+    low, high = headroom(planes, ~known, 255, 12)
+    assert int(high[0, 0, 5]) == 0 and int(low[0, 0, 0]) == 0  # by white no room up, by black none down
+    assert int(low[0, 0, 5]) < 0 and int(high[0, 0, 0]) > 0
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_the_coupling_undoes_any_field_exactly(dtype):
+    """Black, white and noise: whatever the field, the pixels come back exactly, with the clipped
+    ones from the record (and the rest from the file alone)."""
+    rng = np.random.default_rng(1)
+    maxval = np.iinfo(dtype).max
+    pixels = rng.integers(0, maxval + 1, (33, 40, 3)).astype(dtype)
+    pixels[:10] = maxval
+    pixels[-10:] = 0
+
+    def wild(known, mask, room):
+        # depends on the known pixels in an arbitrary, discontinuous way
+        return torch.sin(known.float() * 0.37) * maxval * 0.2
+
+    coupling = Coupling(KEY, wild, maxval // 255, 52)
+    coupled = coupling.couple(pixels)
+    assert not np.array_equal(coupled.pixels, pixels)
+    assert np.array_equal(coupling.uncouple(coupled.pixels, coupled.clipped_at, coupled.clipped_values), pixels)
+    unclipped = np.ones(pixels.size, bool)
+    unclipped[coupled.clipped_at] = False
+    assert np.array_equal(coupling.uncouple(coupled.pixels).reshape(-1)[unclipped], pixels.reshape(-1)[unclipped])
+
+
+def test_recovery_data_round_trips_and_refuses_damage():
+    data = RecoveryData(np.arange(-6, 6, dtype=np.int8).reshape(3, 2, 2), np.array([3, 9]), np.array([255, 0], np.uint16))
+    again = RecoveryData.from_bytes(data.to_bytes())
+    assert np.array_equal(again.field, data.field) and list(again.clipped_at) == [3, 9]
+    for bad in (b"", b"XXXX" + data.to_bytes()[4:], data.to_bytes()[:-3], data.to_bytes() + b"\0"):
+        with pytest.raises(ValueError):
+            RecoveryData.from_bytes(bad)
+
+
+# ---------------------------------------------------------------- protection and recovery
+
+
+@pytest.fixture(scope="module")
+def protected_sample():
+    original = photo(320, 240)
+    protected, info = protect(original, KEY)
+    return original, protected, info
+
+
+def test_protection_fools_both_views_and_recovers_exactly(protected_sample):
+    original, protected, info = protected_sample
+    assert info.scheme == "refine" and info.recovery is not None
+    assert 36 <= psnr(protected, original) < 45
+    assert (surrogate_labels(protected) != surrogate_labels(original)).all()
+    assert np.array_equal(recover(protected, KEY, info, recovery=info.recovery), original)
+    # from the file alone (no record): exact but for pixels that clipped, with the strength found
+    alone = recover(protected, KEY)
+    assert psnr(alone, original) >= 55
+    wrong = recover(protected, OTHER_KEY, info, recovery=info.recovery)
+    assert psnr(wrong, original) <= psnr(protected, original) + 1
+
+
+def test_protection_is_deterministic_and_keyed(protected_sample):
+    original, protected, info = protected_sample
+    again, _ = protect(original, KEY)
+    assert np.array_equal(again, protected)
+    other, _ = protect(original, OTHER_KEY)
+    assert not np.array_equal(other, protected)
+
+
+def test_recovery_is_the_same_whatever_the_thread_count(protected_sample):
+    """The field is recomputed on a fixed number of threads: the caller's setting cannot change it."""
+    original, protected, info = protected_sample
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = recover(protected, KEY, info)
+        torch.set_num_threads(2)
+        two = recover(protected, KEY, info)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(one, two) and np.array_equal(one, original)
+
+
+def test_recovery_in_a_fresh_process_matches(protected_sample, tmp_path):
+    """Another process (one thread) recomputes the same field from the same PNG."""
+    original, protected, info = protected_sample
+    pipeline.write_image(protected, tmp_path / "p.png")
+    (tmp_path / "info.json").write_text(__import__("json").dumps(info.to_dict()))
+    script = ("import json, sys, numpy as np, torch; torch.set_num_threads(1)\n"
+              "from agent.pipeline import ProtectInfo, read_image, recover, write_image\n"
+              f"p = read_image({str(tmp_path / 'p.png')!r}); i = ProtectInfo.from_dict(json.load(open({str(tmp_path / 'info.json')!r})))\n"
+              f"write_image(recover(p, bytes(range(32)), i), {str(tmp_path / 'r.png')!r})\n")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)
+    clipped = info.recovery.clipped_at
+    recovered = pipeline.read_image(tmp_path / "r.png")
+    keep = np.ones(original.size, bool)
+    keep[clipped] = False
+    assert np.array_equal(recovered.reshape(-1)[keep], original.reshape(-1)[keep])
+
+
+@pytest.mark.parametrize("strength", ["low", "high"])
+def test_every_strength_round_trips(strength):
+    original = photo(200, 150)
+    protected, info = protect(original, KEY, ProtectOptions(strength=strength))
+    assert info.strength == strength
+    assert np.array_equal(recover(protected, KEY, info, recovery=info.recovery), original)
+    floor = {"low": 42, "high": 31}[strength]
+    assert psnr(protected, original) >= floor
+
+
+def test_photos_heavy_in_clipping_recover_exactly():
+    """A white sky over a dark night street: most pixels sit at white or black."""
+    rng = np.random.default_rng(2)
+    image = np.zeros((180, 240, 3), np.uint8)
+    image[:90] = 255
+    image[90:, 100:140] = rng.integers(0, 40, (90, 40, 3))
+    image[60:90, 30:200] = rng.integers(180, 256, (30, 170, 3))
+    protected, info = protect(image, KEY)
+    assert not np.array_equal(protected, image)
+    assert np.array_equal(recover(protected, KEY, info, recovery=info.recovery), image)
+    assert psnr(recover(protected, KEY, info), image) >= 55
+
+
+@pytest.mark.parametrize("shape, dtype", [((64, 64), np.uint8), ((61, 97, 3), np.uint8), ((70, 90, 4), np.uint8),
+                                          ((50, 80, 2), np.uint8), ((64, 96, 3), np.uint16), ((40, 30), np.uint16)],
+                         ids=["grey64", "odd", "rgba", "grey-alpha", "rgb16", "grey16"])
+def test_layouts_round_trip(shape, dtype):
+    rng = np.random.default_rng(3)
+    base = photo(shape[1], shape[0])
+    maxval = np.iinfo(dtype).max
+    colour = base.astype(np.float64) * (maxval / 255)
+    channels = shape[2] if len(shape) == 3 else 1
+    image = colour.mean(axis=2) if channels in (1, 2) else colour
+    if channels in (1, 2):
+        image = image[..., None]
+    if channels in (2, 4):
+        image = np.concatenate([image, rng.integers(0, maxval + 1, shape[:2] + (1,))], axis=2)
+    image = np.rint(image).astype(dtype).reshape(shape)
+    protected, info = protect(image, KEY)
+    recovered = recover(protected, KEY, info, recovery=info.recovery)
+    assert recovered.shape == image.shape and recovered.dtype == image.dtype
+    assert np.array_equal(recovered, image)
+
+
+def test_a_large_photo_is_protected_at_the_working_size():
+    big = np.asarray(Image.fromarray(photo(600, 450)).resize((3000, 2250)))
+    protected, info = protect(big, KEY)
+    assert info.working_size == (2048, 1536) and protected.shape == (1536, 2048, 3)
+    assert field_size(1536, 2048) == (256, 341)
+    working = pipeline.working_copy(big)
+    assert np.array_equal(recover(protected, KEY, info, recovery=info.recovery), working)
+
+
+def test_a_jpeg_copy_recovers_with_the_record(protected_sample):
+    original, protected, info = protected_sample
+    buffer = io.BytesIO()
+    Image.fromarray(protected).save(buffer, "JPEG", quality=90, subsampling=2)
+    copy = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    with_record = recover(copy, KEY, info, recovery=info.recovery, copy=True)
+    assert psnr(with_record, original) > psnr(copy, original) + 0.5
+    own = pipeline.encode_image(protected, "JPEG", quality=95)
+    decoded = pipeline.decode_image(own)
+    tables = recover(decoded, KEY, info, recovery=info.recovery, jpeg=Quantization.read(own))
+    assert psnr(tables, original) > psnr(decoded, original) + 2
+
+
+def test_files_of_the_first_model_still_recover():
+    """A record without a scheme is the rgan scheme's: R and G undo it, as before."""
+    original = photo(224, 160)
+    protected, info = protect_rgan(original, KEY)
+    assert info.scheme == "rgan" and "scheme" not in info.to_dict()
+    restored = ProtectInfo.from_dict(info.to_dict())
+    assert psnr(recover(protected, KEY, restored), original) >= 48
+
+
+def test_bad_info_and_recovery_data_are_refused(protected_sample):
+    original, protected, info = protected_sample
+    for bad in ({**info.to_dict(), "attempt": 7}, {**info.to_dict(), "scheme": "magic"}):
+        with pytest.raises(ValueError):
+            ProtectInfo.from_dict(bad)
+    with pytest.raises(ValueError, match="size"):
+        recover(protected[:-2], KEY, info)
+
+
+def test_the_judge_is_never_in_the_attack():
+    """EfficientNet-Lite1 only judges (bench, tests): no product module may import it."""
+    for path in (ROOT / "agent").rglob("*.py"):
+        assert "efficientnet" not in path.read_text().lower(), path
+
+
+def test_views_are_the_platforms(protected_sample):
+    original, _, _ = protected_sample
+    x = torch.from_numpy(original.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    both = views(x)
+    assert both.shape == (2, 3, 224, 224)
+    assert Budget(6, 5, 1).attempt(2).epsilon == 9
