@@ -35,7 +35,6 @@ import torch
 
 from .rgan.keying import key_pattern, keystream
 
-COUPLING_VERSION = 1
 _SPLIT_INFO = b"rgan-agent coupling split v1"
 # headroom kept from the known neighbours' extremes, in 8-bit grey levels
 MARGIN = 12

@@ -198,12 +198,7 @@ def protect(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOpti
     sealed). Alpha is carried over untouched. Attempts are made until both views of the surrogate
     are fooled (at most `refine.ATTEMPTS`); the info says which one was kept.
     """
-    pixels, mode = _check_image(image)
-    check_key(key)
-    height, width = pixels.shape[:2]
-    work_w, work_h = _working_size(width, height, options.max_side)
-    if (work_w, work_h) != (width, height):
-        pixels = _resize(pixels, work_w, work_h)
+    pixels, mode, (width, height), (work_w, work_h) = _working(image, key, options)
     colour, alpha = _split(pixels)
     # Grayscale photos come back in colour: the classifiers look at colour, and the field is per
     # channel; the three channels of a grey original recover identical, so recovery gives the grey
@@ -230,12 +225,7 @@ def protect_rgan(image: np.ndarray, key: bytes, options: ProtectOptions = Protec
     """The rgan scheme's protection (G + DR conditioned on the key's pattern, tile by tile above
     `options.tile_above`): what the first model made, kept so that such files can be made again,
     to check that they still recover and to evaluate that model (`agent eval`)."""
-    pixels, mode = _check_image(image)
-    check_key(key)
-    height, width = pixels.shape[:2]
-    work_w, work_h = _working_size(width, height, options.max_side)
-    if (work_w, work_h) != (width, height):
-        pixels = _resize(pixels, work_w, work_h)
+    pixels, mode, (width, height), (work_w, work_h) = _working(image, key, options)
     colour, alpha = _split(pixels)
     with _inference(model) as net:
         strength = RGAN_STRENGTHS[options.strength]
@@ -243,6 +233,17 @@ def protect_rgan(image: np.ndarray, key: bytes, options: ProtectOptions = Protec
     result = protected if alpha is None else np.concatenate([protected, alpha], axis=2)
     return result, ProtectInfo((width, height), (work_w, work_h), mode, BIT_DEPTHS[pixels.dtype],
                                strength=options.strength)
+
+
+def _working(image: np.ndarray, key: bytes, options: ProtectOptions):
+    """The checked image at its working resolution, its layout, original and working sizes."""
+    pixels, mode = _check_image(image)
+    check_key(key)
+    height, width = pixels.shape[:2]
+    work_w, work_h = _working_size(width, height, options.max_side)
+    if (work_w, work_h) != (width, height):
+        pixels = _resize(pixels, work_w, work_h)
+    return pixels, mode, (width, height), (work_w, work_h)
 
 
 def surrogate_labels(colour: np.ndarray) -> np.ndarray:

@@ -29,8 +29,10 @@ A record
 `original_sha256` / `protected_sha256` (hex SHA-256 of the files' bytes), `phash` (64-bit DCT
 perceptual hash of the protected image, 16 hex digits, see below), `original_width/height`,
 `working_width/height`, `model_id` and `model_sha256` (the weights the image was protected with),
-`rgan_key_id`, `params` (a JSON object as canonical JSON text: strength, max_side, ..., and the
-pipeline's `ProtectInfo` under `protect_info`), `psnr` and `self_check_asr` (quality measured at
+`rgan_key_id`, `params` (a JSON object as canonical JSON text: strength, max_side, ..., the
+pipeline's `ProtectInfo` under `protect_info`, and for the refine scheme, under `recovery`, the
+base64 of `recovery.RecoveryData`'s bytes sealed like the file name, field name `recovery`),
+`psnr` and `self_check_asr` (quality measured at
 protect time, NULL when not measured), `prev_hash` (the `record_hash` of the user's previous record,
 NULL for the first), `record_hash` and `signature`.
 

@@ -36,7 +36,6 @@ from .surrogate import surrogate
 if TYPE_CHECKING:
     from .rgan.model import RGAN
 
-REFINE_VERSION = 1
 _SEED_INFO = b"rgan-agent refine v1"
 # the platform's view: shorter side 256, centre 224
 VIEW_SHORT, VIEW_SIDE = 256, 224
@@ -230,7 +229,7 @@ class Refinement:
             avoid = classifier(views(base)).topk(1 + self.attempt, dim=1).indices
         epsilon = self.budget.epsilon / 255
         field = self.start(base, generator) * epsilon
-        step = 2.5 * epsilon / self.budget.steps
+        step = 2.5 * epsilon / max(self.budget.steps, 1)
         velocity = torch.zeros_like(field)
         for _ in range(self.budget.steps):
             field.requires_grad_(True)

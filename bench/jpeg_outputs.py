@@ -1,4 +1,5 @@
-"""Recovery from the agent's own JPEG outputs: how close the owner gets to the original from a
+"""Recovery from the first model's JPEG outputs (the rgan scheme, whose records still recover;
+today's protection is measured by bench/quality.py): how close the owner gets to the original from a
 protected photo saved as a JPEG (4:4:4, as `agent protect` writes a JPEG original), subtracting
 the perturbation alone and with the file's quantisation tables (`agent/jpeg.py`). Writes
 bench/results/jpeg_outputs.json and its section of docs/benchmarks.md.
@@ -56,7 +57,7 @@ def measure_set(name: str, seed: int, limit: int | None) -> dict:
     seconds = []
     for image, key, wrong in zip(photos.images, keys, wrong_keys):
         original = pipeline.working_copy(image.permute(1, 2, 0).numpy())
-        protected, info = pipeline.protect(original, key, model=model)
+        protected, info = pipeline.protect_rgan(original, key, model=model)
         for quality in QUALITIES:
             data = pipeline.encode_image(protected, "JPEG", quality=quality)
             decoded = pipeline.decode_image(data)

@@ -1,5 +1,6 @@
-"""What each protection strength (`agent protect --strength`) does, and how the key holder's
-recovery refined with G (`RGAN.refine_step`) compares with R alone. Writes
+"""What each strength of the first model (the rgan scheme, whose records still recover; today's
+protection is measured by bench/quality.py) does, and how the key holder's recovery refined with
+G (`RGAN.refine_step`) compares with R alone. Writes
 bench/results/strengths.json and its section of docs/benchmarks.md.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/strengths.py [--limit N]
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from agent import metrics
 from agent.classifiers import load_classifier
 from agent.data import centre_crops, load_photos, to_float
-from agent.pipeline import DEFAULT_MODEL_PATH, REFINE_STEPS, STRENGTHS
+from agent.pipeline import DEFAULT_MODEL_PATH, REFINE_STEPS, RGAN_STRENGTHS
 from agent.rgan.keying import batch_patterns, random_keys
 from agent.rgan.model import load_model, quantize
 from bench.sections import run_photo_bench
@@ -49,7 +50,7 @@ def measure(limit: int | None) -> dict:
     clean_pred = batched(lambda s: classifier(clean[s]).argmax(1))
     started = time.perf_counter()
     figures = {}
-    for name, strength in STRENGTHS.items():
+    for name, strength in RGAN_STRENGTHS.items():
         protected = batched(lambda s: model.protect(clean[s], right[s], strength))
         by_r = batched(lambda s: quantize(model.recover(protected[s], right[s], strength)))
         refined = batched(lambda s: quantize(model.recover(protected[s], right[s], strength, refine=REFINE_STEPS)))

@@ -42,3 +42,10 @@ def test_speed_report_states_the_floor_the_naive_attack_and_the_targets():
     assert "1.20 GiB (target ≤ 1.5 GB: met)" in text
     assert "| 2048x1536 | 0.80 s (met) | 0.70 s (met) |" in text and "1.70 s (**missed**)" in text
     assert "20.0× the whole protection" in text
+
+
+def test_steps_report_puts_each_start_beside_its_noise_control():
+    steps = load("steps")
+    rows = {str(k): {"asr": 0.5 + k / 20, "noise": 0.05, "psnr": 38.0} for k in steps.STEPS}
+    text = steps.report({"photos": 24, "epsilon": 6.0, "starts": {"G": rows, "random": rows}})
+    assert "| G | 50.0% (5.0%), 38.0 dB" in text and "90.0% (5.0%)" in text and text.count("| random |") == 1
