@@ -37,10 +37,10 @@ import torch
 from PIL import Image, ImageOps
 
 from .atomic import atomic_path
-from .coupling import Coupling
+from .coupling import Coupling, estimate, field_part
 from .jpeg import Quantization, most_likely_original
 from .recovery import RecoveryData
-from .refine import ATTEMPTS, Budget, Refinement, fixed_threads, views
+from .refine import ATTEMPTS, Budget, Refinement, fixed_threads, resample, views
 from .rgan.keying import PATTERN_VERSION, check_key, key_pattern
 from .rgan.model import RGAN, load_model
 from .rgan.nets import ENCODER_STRIDE
@@ -61,6 +61,8 @@ TILE_GRID = 16
 # classifiers and is more visible; docs/benchmarks.md has the figures.
 STRENGTHS = {"low": Budget(3.0, 4, 1), "medium": Budget(6.0, 5, 1), "high": Budget(10.0, 6, 2)}
 DEFAULT_STRENGTH = "medium"
+# how many of the refine scheme's attempts (`refine.ATTEMPTS`) protection may make
+PROTECT_ATTEMPTS = ATTEMPTS
 # the schemes: "refine" protects today; "rgan" is the first model's (G + DR, recovered by R), whose
 # records still recover
 SCHEMES = ("rgan", "refine")
@@ -122,6 +124,9 @@ class ProtectInfo:
     scheme: str = "rgan"
     # which of the refine scheme's attempts fooled the surrogate (`refine.ATTEMPTS`)
     attempt: int = 0
+    # the refine scheme's budget as protection spent it (epsilon, steps, pattern): recovery redoes
+    # exactly that, whatever the strengths say later
+    budget: tuple[float, int, int] | None = None
     # what the record keeps, sealed, beside this info (not part of it: not in `to_dict`)
     recovery: RecoveryData | None = field(default=None, compare=False, repr=False)
 
@@ -147,6 +152,15 @@ class ProtectInfo:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if not _is_int(self.attempt) or not 0 <= self.attempt < ATTEMPTS or (self.attempt and self.scheme != "refine"):
             raise ValueError(f"attempt must be an integer in 0..{ATTEMPTS - 1} (refine scheme only), got {self.attempt!r}")
+        if self.scheme == "refine":
+            budget = self.budget
+            if (not isinstance(budget, (tuple, list)) or len(budget) != 3 or isinstance(budget[0], bool)
+                    or not isinstance(budget[0], (int, float)) or not 0 < budget[0] <= 32
+                    or not all(_is_int(v) and 0 <= v <= 64 for v in budget[1:])):
+                raise ValueError(f"budget must be (epsilon in (0, 32], steps, pattern), got {budget!r}")
+            object.__setattr__(self, "budget", (float(budget[0]), int(budget[1]), int(budget[2])))
+        elif self.budget is not None:
+            raise ValueError("only the refine scheme has a budget")
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -159,7 +173,7 @@ class ProtectInfo:
         }
         # the rgan scheme's records were written before schemes existed, and keep that form
         if self.scheme != "rgan":
-            out.update(scheme=self.scheme, attempt=self.attempt)
+            out.update(scheme=self.scheme, attempt=self.attempt, budget=list(self.budget))
         return out
 
     @classmethod
@@ -171,9 +185,10 @@ class ProtectInfo:
         fields = {"original_size", "working_size", "mode", "bit_depth", "key_pattern_version", "strength"}
         # records written before strengths existed were all protected at the default, and those
         # written before schemes existed by the rgan scheme
-        allowed = (fields, fields - {"strength"}, fields | {"scheme", "attempt"})
+        refined = {"scheme", "attempt", "budget"}
+        allowed = (fields, fields - {"strength"}, fields | refined)
         if set(data) not in allowed:
-            missing, unknown = sorted(fields - set(data)), sorted(set(data) - fields - {"scheme", "attempt"})
+            missing, unknown = sorted(fields - set(data)), sorted(set(data) - fields - refined)
             raise ValueError(f"protect info fields do not match (missing: {missing}, unknown: {unknown})")
         return cls(**data)
 
@@ -208,7 +223,7 @@ def protect(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOpti
     net = default_model() if model is None else model
     with fixed_threads():
         clean = surrogate_labels(colour)
-        for attempt in range(ATTEMPTS):
+        for attempt in range(PROTECT_ATTEMPTS):
             refinement = Refinement(key, budget, np.iinfo(colour.dtype).max, net, attempt)
             coupled = _coupling(key, budget, refinement, colour.dtype).couple(colour)
             if bool((surrogate_labels(coupled.pixels) != clean).all()):
@@ -217,7 +232,8 @@ def protect(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOpti
     result = protected if alpha is None else np.concatenate([protected, alpha], axis=2)
     recovery = RecoveryData(refinement.field, coupled.clipped_at, coupled.clipped_values)
     return result, ProtectInfo((width, height), (work_w, work_h), mode, BIT_DEPTHS[pixels.dtype],
-                               strength=options.strength, scheme="refine", attempt=attempt, recovery=recovery)
+                               strength=options.strength, scheme="refine", attempt=attempt,
+                               budget=(budget.epsilon, budget.steps, budget.pattern), recovery=recovery)
 
 
 def protect_rgan(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOptions(),
@@ -301,7 +317,7 @@ def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, mode
             recovered = _recover_copy(colour, key, info, recovery, jpeg)
     elif info is not None:
         with fixed_threads():
-            recovered = _uncouple(colour, key, info.strength, info.attempt, net, recovery)
+            recovered = _uncouple(colour, key, Budget(*info.budget), info.attempt, net, recovery)
     else:
         with fixed_threads():
             recovered = _recover_unknown(colour, key, net)
@@ -312,9 +328,8 @@ def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, mode
     return recovered if alpha is None else np.concatenate([recovered, alpha], axis=2)
 
 
-def _uncouple(colour: np.ndarray, key: bytes, strength: str, attempt: int, net: RGAN,
+def _uncouple(colour: np.ndarray, key: bytes, budget: Budget, attempt: int, net: RGAN,
               recovery: RecoveryData | None = None) -> np.ndarray:
-    budget = STRENGTHS[strength]
     refinement = Refinement(key, budget, np.iinfo(colour.dtype).max, net, attempt)
     clipped = (recovery.clipped_at, recovery.clipped_values) if recovery is not None else (None, None)
     return _coupling(key, budget, refinement, colour.dtype).uncouple(colour, *clipped)
@@ -324,9 +339,9 @@ def _recover_unknown(colour: np.ndarray, key: bytes, net: RGAN) -> np.ndarray:
     """Every strength and attempt tried; kept: the one whose field half differs least from what
     the other half predicts of it (a wrong guess leaves a field there, the right one none)."""
     best, best_roughness = colour, math.inf
-    for strength in STRENGTHS:
-        for attempt in range(ATTEMPTS):
-            candidate = _uncouple(colour, key, strength, attempt, net)
+    for budget in STRENGTHS.values():
+        for attempt in range(PROTECT_ATTEMPTS):
+            candidate = _uncouple(colour, key, budget, attempt, net)
             roughness = _roughness(candidate, key)
             if roughness < best_roughness:
                 best, best_roughness = candidate, roughness
@@ -334,8 +349,6 @@ def _recover_unknown(colour: np.ndarray, key: bytes, net: RGAN) -> np.ndarray:
 
 
 def _roughness(colour: np.ndarray, key: bytes) -> float:
-    from .coupling import estimate, field_part
-
     part = torch.from_numpy(field_part(key, *colour.shape[:2]))
     planes = torch.from_numpy(np.ascontiguousarray(colour.transpose(2, 0, 1)).astype(np.int32))
     predicted = estimate(planes, ~part)
@@ -346,13 +359,10 @@ def _recover_copy(colour: np.ndarray, key: bytes, info: ProtectInfo | None, reco
                   jpeg: Quantization | None) -> np.ndarray:
     """A copy minus the change protection made, rebuilt from the record's field and the key (the
     headroom read off the copy, which only matters beside black and white)."""
-    strength, attempt = (info.strength, info.attempt) if info is not None else (DEFAULT_STRENGTH, 0)
-    budget = STRENGTHS[strength]
+    budget = Budget(*info.budget) if info is not None else STRENGTHS[DEFAULT_STRENGTH]
     maxval = np.iinfo(colour.dtype).max
 
     def kept_field(known: torch.Tensor, mask: torch.Tensor, room: Any) -> torch.Tensor:
-        from .refine import resample
-
         return torch.from_numpy(resample(recovery.field.astype(np.float32) * (maxval / 255), *known.shape[-2:]))
 
     change = _coupling(key, budget, kept_field, colour.dtype).change(colour)

@@ -110,4 +110,4 @@ def quick_protection(request, monkeypatch):
 
     cheap = {name: Budget(budget.epsilon, 1, budget.pattern) for name, budget in pipeline.STRENGTHS.items()}
     monkeypatch.setattr(pipeline, "STRENGTHS", cheap)
-    monkeypatch.setattr(pipeline, "ATTEMPTS", 1)
+    monkeypatch.setattr(pipeline, "PROTECT_ATTEMPTS", 1)

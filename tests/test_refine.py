@@ -242,9 +242,18 @@ def test_files_of_the_first_model_still_recover():
     assert psnr(recover(protected, KEY, restored), original) >= 48
 
 
+def test_recovery_follows_the_budget_the_record_holds(protected_sample, monkeypatch):
+    """Strengths may be retuned later: a record keeps the budget it was protected with."""
+    original, protected, info = protected_sample
+    assert ProtectInfo.from_dict(info.to_dict()).budget == (6.0, 5, 1)
+    monkeypatch.setattr(pipeline, "STRENGTHS", {name: Budget(1.0, 1, 1) for name in pipeline.STRENGTHS})
+    assert np.array_equal(recover(protected, KEY, ProtectInfo.from_dict(info.to_dict()), recovery=info.recovery), original)
+
+
 def test_bad_info_and_recovery_data_are_refused(protected_sample):
     original, protected, info = protected_sample
-    for bad in ({**info.to_dict(), "attempt": 7}, {**info.to_dict(), "scheme": "magic"}):
+    for bad in ({**info.to_dict(), "attempt": 7}, {**info.to_dict(), "scheme": "magic"},
+                {**info.to_dict(), "budget": [0, 5, 1]}, {**info.to_dict(), "budget": None}):
         with pytest.raises(ValueError):
             ProtectInfo.from_dict(bad)
     with pytest.raises(ValueError, match="size"):
