@@ -17,7 +17,7 @@ subtracts it.
 Clipping at black and white would lose what it cut off, so each change is first bounded by the
 headroom of the pixel's known neighbours (less `MARGIN`): a pixel can only clip if it is brighter
 (or darker) than all its known neighbours by more than the margin and sits by the limit, a lone
-speck. Protection counts those (`Coupled.clipped`) and the provenance record keeps their original
+speck. Protection lists those (`Coupled.clipped_at`) and the provenance record keeps their original
 values, so recovery with the record is exact even then.
 
 Every step here is integer or exactly rounded elementwise arithmetic in numpy, so it gives the

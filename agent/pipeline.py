@@ -40,11 +40,11 @@ from .atomic import atomic_path
 from .coupling import Coupling, estimate, field_part
 from .jpeg import Quantization, most_likely_original
 from .recovery import RecoveryData
-from .refine import ATTEMPTS, Budget, Refinement, fixed_threads, resample, views
+from . import selfcheck
+from .refine import ATTEMPTS, Budget, Refinement, fixed_threads, resample
 from .rgan.keying import PATTERN_VERSION, check_key, key_pattern
 from .rgan.model import RGAN, load_model
 from .rgan.nets import ENCODER_STRIDE
-from .surrogate import surrogate
 
 # the shipped photo model, used wherever no model is given
 DEFAULT_MODEL_PATH = Path(str(resources.files("agent") / "weights" / "photo-rgan.safetensors"))
@@ -222,11 +222,12 @@ def protect(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOpti
     budget = STRENGTHS[options.strength]
     net = default_model() if model is None else model
     with fixed_threads():
-        clean = surrogate_labels(colour)
+        clean = selfcheck.labels(colour)
         for attempt in range(PROTECT_ATTEMPTS):
             refinement = Refinement(key, budget, np.iinfo(colour.dtype).max, net, attempt)
             coupled = _coupling(key, budget, refinement, colour.dtype).couple(colour)
-            if bool((surrogate_labels(coupled.pixels) != clean).all()):
+            fooled = selfcheck.labels(coupled.pixels)
+            if all(fooled[view] != label for view, label in clean.items()):
                 break
     protected = coupled.pixels
     result = protected if alpha is None else np.concatenate([protected, alpha], axis=2)
@@ -260,14 +261,6 @@ def _working(image: np.ndarray, key: bytes, options: ProtectOptions):
     if (work_w, work_h) != (width, height):
         pixels = _resize(pixels, work_w, work_h)
     return pixels, mode, (width, height), (work_w, work_h)
-
-
-def surrogate_labels(colour: np.ndarray) -> np.ndarray:
-    """The surrogate's top-1 label on both views (crop, squash) of an (H, W, 3) image."""
-    scale = np.iinfo(colour.dtype).max
-    x = torch.from_numpy(colour.astype(np.float32) / scale).permute(2, 0, 1)[None]
-    with torch.no_grad():
-        return surrogate()(views(x)).argmax(1).numpy()
 
 
 def _coupling(key: bytes, budget: Budget, field: Any, dtype: np.dtype) -> Coupling:
