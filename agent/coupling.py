@@ -92,18 +92,22 @@ def estimate(known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values.float(), total.float() / count.clamp(min=1).float())
 
 
-def headroom(planes: torch.Tensor, known: torch.Tensor, maxval: int, margin: int) -> tuple[torch.Tensor, torch.Tensor]:
+def headroom(planes: torch.Tensor, known: torch.Tensor, maxval: int, margin: int,
+             spread: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(lowest, highest) change, in integer units, that each unknown pixel may take without
-    clipping, judged by its known 8-neighbours: down to `margin` 8-bit levels plus their spread
-    above the darkest, up to as much below the brightest of them; 0 where none is known (only a
-    single-pixel corner cell) or no room is left. A pixel's own value never counts."""
+    clipping, judged by its known 8-neighbours: down to `margin` 8-bit levels above the darkest of
+    them, up to as much below the brightest (with `spread`, less their spread as well, as the
+    first refine method had it); 0 where none is known (only a single-pixel corner cell) or no
+    room is left. A pixel's own value never counts."""
     high = _window_extreme(torch.where(known, planes, -1), torch.maximum)
     low = _window_extreme(torch.where(known, planes, maxval + 1), torch.minimum)
     margin *= maxval // 255
-    # how far a pixel may stray from its neighbours grows with how far they stray from each other:
-    # up to maxval - high - margin - (high - low), down to low - margin - (high - low)
-    up = (maxval - margin - 2 * high + low).clamp(min=0)
-    down = (2 * low - high - margin).clamp(min=0)
+    if spread:
+        # how far a pixel may stray from its neighbours grows with how far they stray from each
+        # other; but textured regions, where the field does most, are then left nearly no room
+        margin = margin + high - low
+    up = (maxval - margin - high).clamp(min=0)
+    down = (low - margin).clamp(min=0)
     unseen = high < 0
     if bool(unseen.any()):
         up[unseen], down[unseen] = 0, 0
@@ -134,12 +138,14 @@ FieldFn = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor
 class Coupling:
     """The key, the field, the key pattern's amplitude (integer units) and the field's reach (the
     most it changes a pixel, in 8-bit levels: the pattern part's headroom is judged on protected
-    neighbours, which the field moved by up to that much)."""
+    neighbours, which the field moved by up to that much), and the headroom's rule."""
 
     key: bytes
     field: FieldFn
     amplitude: int
     reach: int
+    # the headroom's rule (`headroom`), as the refine method that protected had it
+    spread: bool = False
 
     def field_change(self, planes: torch.Tensor, part: torch.Tensor, maxval: int) -> torch.Tensor:
         """The field part's change, from nothing but the pattern part's pixels in `planes`.
@@ -148,7 +154,7 @@ class Coupling:
         back from the file alone off by at most the amplitude, and only next to a limit, so the
         clamp reads it the same either way and the field is recomputed unchanged."""
         known = planes.clamp(self.amplitude, maxval - self.amplitude) * ~part
-        room = headroom(known, ~part, maxval, MARGIN)
+        room = headroom(known, ~part, maxval, MARGIN, self.spread)
         return bounded(self.field(known, ~part, room), *room) * part
 
     def pattern_change(self, protected: torch.Tensor, part: torch.Tensor, maxval: int) -> torch.Tensor:
@@ -156,7 +162,7 @@ class Coupling:
         of the field part's protected pixels (what the file holds)."""
         channels, height, width = protected.shape
         signs = key_pattern(self.key, height, width)[:channels].to(protected.dtype)
-        room = headroom(protected, part, maxval, MARGIN + self.reach)
+        room = headroom(protected, part, maxval, MARGIN + self.reach, self.spread)
         return bounded(signs * self.amplitude, *room) * ~part
 
     def couple(self, pixels: np.ndarray) -> Coupled:

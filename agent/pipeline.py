@@ -41,7 +41,7 @@ from .coupling import Coupling, estimate, field_part
 from .jpeg import Quantization, most_likely_original
 from .recovery import RecoveryData
 from . import selfcheck
-from .refine import ATTEMPTS, Budget, Refinement, fixed_threads, resample
+from .refine import ATTEMPTS, METHOD, METHODS, Budget, Method, Refinement, fixed_threads, resample
 from .rgan.keying import PATTERN_VERSION, check_key, key_pattern
 from .rgan.model import RGAN, load_model
 from .rgan.nets import ENCODER_STRIDE
@@ -59,7 +59,10 @@ TILE_GRID = 16
 # What each strength spends (`refine.Budget`: the field's bound in grey levels on its half of the
 # pixels, the steps, the key pattern's amplitude on the other half). Stronger fools more
 # classifiers and is more visible; docs/benchmarks.md has the figures.
-STRENGTHS = {"low": Budget(3.0, 4, 1), "medium": Budget(6.0, 5, 1), "high": Budget(10.0, 6, 2)}
+STRENGTHS = {"low": Budget(3.0, 4, 1), "medium": Budget(5.5, 5, 1), "high": Budget(10.0, 6, 2)}
+# the strengths of earlier refine methods, by method: a record keeps its budget, but a photo
+# recovered without its record is searched for among them
+EARLIER_STRENGTHS = {1: {"low": Budget(3.0, 4, 1), "medium": Budget(6.0, 5, 1), "high": Budget(10.0, 6, 2)}}
 DEFAULT_STRENGTH = "medium"
 # how many of the refine scheme's attempts (`refine.ATTEMPTS`) protection may make
 PROTECT_ATTEMPTS = ATTEMPTS
@@ -127,6 +130,8 @@ class ProtectInfo:
     # the refine scheme's budget as protection spent it (epsilon, steps, pattern): recovery redoes
     # exactly that, whatever the strengths say later
     budget: tuple[float, int, int] | None = None
+    # the refine method (`refine.METHODS`) that protected; the first one's records do not say
+    method: int = 1
     # what the record keeps, sealed, beside this info (not part of it: not in `to_dict`)
     recovery: RecoveryData | None = field(default=None, compare=False, repr=False)
 
@@ -159,8 +164,10 @@ class ProtectInfo:
                     or not all(_is_int(v) and 0 <= v <= 64 for v in budget[1:])):
                 raise ValueError(f"budget must be (epsilon in (0, 32], steps, pattern), got {budget!r}")
             object.__setattr__(self, "budget", (float(budget[0]), int(budget[1]), int(budget[2])))
-        elif self.budget is not None:
-            raise ValueError("only the refine scheme has a budget")
+            if not _is_int(self.method) or self.method not in METHODS:
+                raise ValueError(f"method must be one of {', '.join(map(str, METHODS))}, got {self.method!r}")
+        elif self.budget is not None or self.method != 1:
+            raise ValueError("only the refine scheme has a budget and a method")
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -174,6 +181,8 @@ class ProtectInfo:
         # the rgan scheme's records were written before schemes existed, and keep that form
         if self.scheme != "rgan":
             out.update(scheme=self.scheme, attempt=self.attempt, budget=list(self.budget))
+            if self.method != 1:
+                out.update(method=self.method)
         return out
 
     @classmethod
@@ -184,11 +193,12 @@ class ProtectInfo:
             raise ValueError(f"protect info must be a dict, got {type(data).__name__}")
         fields = {"original_size", "working_size", "mode", "bit_depth", "key_pattern_version", "strength"}
         # records written before strengths existed were all protected at the default, and those
-        # written before schemes existed by the rgan scheme
+        # written before schemes existed by the rgan scheme, and those of the first refine method
+        # before methods existed
         refined = {"scheme", "attempt", "budget"}
-        allowed = (fields, fields - {"strength"}, fields | refined)
+        allowed = (fields, fields - {"strength"}, fields | refined, fields | refined | {"method"})
         if set(data) not in allowed:
-            missing, unknown = sorted(fields - set(data)), sorted(set(data) - fields - refined)
+            missing, unknown = sorted(fields - set(data)), sorted(set(data) - fields - refined - {"method"})
             raise ValueError(f"protect info fields do not match (missing: {missing}, unknown: {unknown})")
         return cls(**data)
 
@@ -224,8 +234,8 @@ def protect(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOpti
     with fixed_threads():
         clean = selfcheck.labels(colour)
         for attempt in range(PROTECT_ATTEMPTS):
-            refinement = Refinement(key, budget, np.iinfo(colour.dtype).max, net, attempt)
-            coupled = _coupling(key, budget, refinement, colour.dtype).couple(colour)
+            refinement = Refinement(key, budget, np.iinfo(colour.dtype).max, net, attempt, METHODS[METHOD])
+            coupled = _coupling(key, budget, refinement, colour.dtype, METHODS[METHOD]).couple(colour)
             fooled = selfcheck.labels(coupled.pixels)
             if all(fooled[view] != label for view, label in clean.items()):
                 break
@@ -234,7 +244,8 @@ def protect(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOpti
     recovery = RecoveryData(refinement.field, coupled.clipped_at, coupled.clipped_values)
     return result, ProtectInfo((width, height), (work_w, work_h), mode, BIT_DEPTHS[pixels.dtype],
                                strength=options.strength, scheme="refine", attempt=attempt,
-                               budget=(budget.epsilon, budget.steps, budget.pattern), recovery=recovery)
+                               budget=(budget.epsilon, budget.steps, budget.pattern), method=METHOD,
+                               recovery=recovery)
 
 
 def protect_rgan(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOptions(),
@@ -263,9 +274,9 @@ def _working(image: np.ndarray, key: bytes, options: ProtectOptions):
     return pixels, mode, (width, height), (work_w, work_h)
 
 
-def _coupling(key: bytes, budget: Budget, field: Any, dtype: np.dtype) -> Coupling:
+def _coupling(key: bytes, budget: Budget, field: Any, dtype: np.dtype, method: Method) -> Coupling:
     unit = np.iinfo(dtype).max // 255
-    return Coupling(key, field, budget.pattern * unit, budget.reach)
+    return Coupling(key, field, budget.pattern * unit, budget.reach, method.spread)
 
 
 def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, model: RGAN | None = None,
@@ -310,7 +321,7 @@ def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, mode
             recovered = _recover_copy(colour, key, info, recovery, jpeg)
     elif info is not None:
         with fixed_threads():
-            recovered = _uncouple(colour, key, Budget(*info.budget), info.attempt, net, recovery)
+            recovered = _uncouple(colour, key, Budget(*info.budget), info.attempt, METHODS[info.method], net, recovery)
     else:
         with fixed_threads():
             recovered = _recover_unknown(colour, key, net)
@@ -321,23 +332,25 @@ def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, mode
     return recovered if alpha is None else np.concatenate([recovered, alpha], axis=2)
 
 
-def _uncouple(colour: np.ndarray, key: bytes, budget: Budget, attempt: int, net: RGAN,
+def _uncouple(colour: np.ndarray, key: bytes, budget: Budget, attempt: int, method: Method, net: RGAN,
               recovery: RecoveryData | None = None) -> np.ndarray:
-    refinement = Refinement(key, budget, np.iinfo(colour.dtype).max, net, attempt)
+    refinement = Refinement(key, budget, np.iinfo(colour.dtype).max, net, attempt, method)
     clipped = (recovery.clipped_at, recovery.clipped_values) if recovery is not None else (None, None)
-    return _coupling(key, budget, refinement, colour.dtype).uncouple(colour, *clipped)
+    return _coupling(key, budget, refinement, colour.dtype, method).uncouple(colour, *clipped)
 
 
 def _recover_unknown(colour: np.ndarray, key: bytes, net: RGAN) -> np.ndarray:
-    """Every strength and attempt tried; kept: the one whose field half differs least from what
-    the other half predicts of it (a wrong guess leaves a field there, the right one none)."""
+    """Every method, strength and attempt tried, today's method first; kept: the one whose
+    field half differs least from what the other half predicts of it (a wrong guess leaves a field
+    there, the right one none)."""
     best, best_roughness = colour, math.inf
-    for budget in STRENGTHS.values():
-        for attempt in range(PROTECT_ATTEMPTS):
-            candidate = _uncouple(colour, key, budget, attempt, net)
-            roughness = _roughness(candidate, key)
-            if roughness < best_roughness:
-                best, best_roughness = candidate, roughness
+    for method in sorted(METHODS, key=lambda number: number != METHOD):
+        for budget in (STRENGTHS if method == METHOD else EARLIER_STRENGTHS[method]).values():
+            for attempt in range(PROTECT_ATTEMPTS):
+                candidate = _uncouple(colour, key, budget, attempt, METHODS[method], net)
+                roughness = _roughness(candidate, key)
+                if roughness < best_roughness:
+                    best, best_roughness = candidate, roughness
     return best
 
 
@@ -358,7 +371,8 @@ def _recover_copy(colour: np.ndarray, key: bytes, info: ProtectInfo | None, reco
     def kept_field(known: torch.Tensor, mask: torch.Tensor, room: Any) -> torch.Tensor:
         return torch.from_numpy(resample(recovery.field.astype(np.float32) * (maxval / 255), *known.shape[-2:]))
 
-    change = _coupling(key, budget, kept_field, colour.dtype).change(colour)
+    method = METHODS[info.method if info is not None else METHOD]
+    change = _coupling(key, budget, kept_field, colour.dtype, method).change(colour)
     if jpeg is not None and colour.dtype == np.uint8:
         return most_likely_original(colour, change, jpeg)
     # A copy's codec or resizer kept the field, which is smooth, but not the pixel-to-pixel

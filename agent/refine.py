@@ -47,9 +47,28 @@ CROP_JITTER, SQUASH_JITTER = 8, 0.04
 # how far past the decision boundary the margin loss keeps pushing (logits)
 KAPPA = 8.0
 MOMENTUM = 0.9
-# a coordinate's step is its gradient over (|gradient| + SOFTNESS × the mean |gradient|): nearly
-# a sign for the coordinates that matter, linear (so smooth) for the ones near zero
-SOFTNESS = 0.1
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a version of the refine scheme steps and bounds its field. Records name theirs
+    (`METHOD` today), so that photos protected by an earlier one still recover.
+
+    `softness`: a coordinate's step is its gradient over (|gradient| + softness × the mean
+    |gradient|): nearly a sign for the coordinates that matter, linear (so smooth) for the ones
+    near zero; softer spends less of the bound where the gradient is weak, so the same bound
+    costs less PSNR. `standard_views`: every other step sees the standard views, not a draw of
+    what platforms vary (a few steps that each see another draw converge on none of them).
+    `spread`: the coupling's headroom also shrinks with the spread of a pixel's neighbours,
+    which leaves textured regions, where the field does most, nearly no room."""
+
+    softness: float
+    standard_views: bool
+    spread: bool
+
+
+METHODS = {1: Method(0.1, standard_views=False, spread=True), 2: Method(0.5, standard_views=True, spread=False)}
+METHOD = 2
 
 
 # A protection that does not fool both views of the surrogate is tried again (up to this many
@@ -181,8 +200,10 @@ class Refinement:
     RGAN) or, without one, from a keyed random start. `field` keeps the last field computed, which
     the record holds for copies that were recompressed."""
 
-    def __init__(self, key: bytes, budget: Budget, maxval: int, model: RGAN | None = None, attempt: int = 0):
+    def __init__(self, key: bytes, budget: Budget, maxval: int, model: RGAN | None = None, attempt: int = 0,
+                 method: Method = METHODS[METHOD]):
         self.key, self.budget, self.maxval, self.model, self.attempt = key, budget.attempt(attempt), maxval, model, attempt
+        self.method = method
         self.field: np.ndarray | None = None
 
     def __call__(self, known: torch.Tensor, mask: torch.Tensor, room: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -231,7 +252,7 @@ class Refinement:
         field = self.start(base, generator) * epsilon
         step = 2.5 * epsilon / max(self.budget.steps, 1)
         velocity = torch.zeros_like(field)
-        for _ in range(self.budget.steps):
+        for number in range(self.budget.steps):
             field.requires_grad_(True)
             if full:
                 spread = F.interpolate(field, size=(height, width), mode="bilinear", align_corners=False)
@@ -242,11 +263,12 @@ class Refinement:
                 rendered = F.interpolate(rendered, size=size, mode="bilinear", antialias=True, align_corners=False)
             else:
                 rendered = base + 0.5 * F.interpolate(field, size=base.shape[-2:], mode="bilinear", align_corners=False)
-            loss = _margin(classifier(views(rendered, generator)), avoid).sum()
+            standard = self.method.standard_views and number % 2 == 0
+            loss = _margin(classifier(views(rendered, None if standard else generator)), avoid).sum()
             (grad,) = torch.autograd.grad(loss, field)
             with torch.no_grad():
                 velocity = MOMENTUM * velocity + grad / grad.abs().mean().clamp(min=1e-12)
-                soft = velocity / (velocity.abs() + SOFTNESS * velocity.abs().mean().clamp(min=1e-12))
+                soft = velocity / (velocity.abs() + self.method.softness * velocity.abs().mean().clamp(min=1e-12))
                 field = (field.detach() - step * soft).clamp(-epsilon, epsilon)
         # whole levels: what the record keeps is exactly what was applied
         return np.rint(field[0].numpy() * 255).astype(np.int8)

@@ -3,6 +3,7 @@ surrogate on the platform's views, and recovery is exact from the file, follows 
 copies, and needs the key."""
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from agent.coupling import Coupling, estimate, field_part, headroom
 from agent.jpeg import Quantization
 from agent.pipeline import ProtectInfo, ProtectOptions, protect, protect_rgan, recover
 from agent.recovery import RecoveryData
-from agent.refine import Budget, field_size, views
+from agent.refine import METHOD, Budget, field_size, views
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -242,10 +243,33 @@ def test_files_of_the_first_model_still_recover():
     assert psnr(recover(protected, KEY, restored), original) >= 48
 
 
+def test_files_of_the_first_refine_method_still_recover():
+    """A photo protected before methods existed (stop 21's code, kept in tests/data): its record has
+    no method, and it recovers exactly, with the record and from the file alone."""
+    folder = ROOT / "tests" / "data" / "refine-method-1"
+    original, protected = (np.asarray(Image.open(folder / name)) for name in ("original.png", "protected.png"))
+    info = ProtectInfo.from_dict(json.loads((folder / "info.json").read_text()))
+    recovery = RecoveryData.from_bytes((folder / "recovery.bin").read_bytes())
+    assert info.method == 1 and "method" not in info.to_dict() and not np.array_equal(protected, original)
+    assert np.array_equal(recover(protected, KEY, info, recovery=recovery), original)
+    assert psnr(recover(protected, KEY), original) >= 55
+
+
+def test_a_record_names_its_method(protected_sample):
+    original, protected, info = protected_sample
+    assert info.method == METHOD == 2 and info.to_dict()["method"] == 2
+    assert ProtectInfo.from_dict(info.to_dict()) == info
+    as_first = ProtectInfo.from_dict({**info.to_dict(), "method": 1})
+    assert not np.array_equal(recover(protected, KEY, as_first, recovery=info.recovery), original)
+    for bad in (3, 0, "2", None):
+        with pytest.raises(ValueError, match="method"):
+            ProtectInfo.from_dict({**info.to_dict(), "method": bad})
+
+
 def test_recovery_follows_the_budget_the_record_holds(protected_sample, monkeypatch):
     """Strengths may be retuned later: a record keeps the budget it was protected with."""
     original, protected, info = protected_sample
-    assert ProtectInfo.from_dict(info.to_dict()).budget == (6.0, 5, 1)
+    assert ProtectInfo.from_dict(info.to_dict()).budget == (5.5, 5, 1)
     monkeypatch.setattr(pipeline, "STRENGTHS", {name: Budget(1.0, 1, 1) for name in pipeline.STRENGTHS})
     assert np.array_equal(recover(protected, KEY, ProtectInfo.from_dict(info.to_dict()), recovery=info.recovery), original)
 
