@@ -20,14 +20,18 @@ headroom of the pixel's known neighbours (less `MARGIN`): a pixel can only clip 
 speck. Protection lists those (`Coupled.clipped_at`) and the provenance record keeps their original
 values, so recovery with the record is exact even then.
 
-Every step here is integer or exactly rounded elementwise arithmetic in numpy, so it gives the
-same result on every machine; only the adversarial field itself comes from float code
-(`refine.py`, which pins its thread count for that reason).
+Every step here is integer or exactly rounded elementwise arithmetic, so it gives the same result
+on every machine; only the adversarial field itself comes from float code (`refine.py`, which
+pins its thread count for that reason).
+
+Everything but the field is local (a pixel and its 3×3 neighbours), so the image is coupled in
+bands of `BAND` rows: a 24-megapixel photo never has more than a band in any wide integer type.
+The field is computed once from the whole image (`Known`) and read back a band of rows at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +42,8 @@ from .rgan.keying import key_pattern, keystream
 _SPLIT_INFO = b"rgan-agent coupling split v1"
 # headroom kept from the known neighbours' extremes, in 8-bit grey levels
 MARGIN = 12
+# rows per band: a band's working arrays take about 40 bytes a pixel
+BAND = 256
 
 
 def field_part(key: bytes, height: int, width: int) -> np.ndarray:
@@ -129,9 +135,59 @@ class Coupled:
     clipped_values: np.ndarray
 
 
-# the field part's change (C, H, W), float, integer units, given the pattern part's original pixels
-# (C, H, W, the field part zeroed), the pattern part's mask (H, W) and the field part's headroom
-FieldFn = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+class Known:
+    """What the field may depend on: the pattern part's pixels (original ones at protection,
+    restored ones at recovery), read clamped to `amplitude` inside the limits. A pattern pixel that
+    clipped comes back from the file alone off by at most the amplitude, and only next to a limit,
+    so the clamp reads it the same either way and the field is recomputed unchanged."""
+
+    def __init__(self, pixels: np.ndarray, part: np.ndarray, amplitude: int, spread: bool):
+        self.pixels, self.part, self.amplitude, self.spread = pixels, part, amplitude, spread
+        self.maxval = int(np.iinfo(pixels.dtype).max)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.part.shape
+
+    def band(self, top: int, bottom: int) -> torch.Tensor:
+        """Rows [top, bottom) as (C, rows, W) integers, the field part zeroed."""
+        planes = _planes(self.pixels[top:bottom]).clamp(self.amplitude, self.maxval - self.amplitude)
+        return planes * torch.from_numpy(~self.part[top:bottom])
+
+    def whole(self) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The whole image's known pixels (`band`), the mask of the known ones and the field
+        part's headroom: for photos small enough to be rendered at full size."""
+        known, mask = self.band(0, self.shape[0]), torch.from_numpy(~self.part)
+        return known, mask, headroom(known, mask, self.maxval, MARGIN, self.spread)
+
+    def planes(self) -> Iterator[np.ndarray]:
+        """Each channel's known pixels on [0, 1] as (H, W) float32, unknown ones 0, one at a time."""
+        for channel in range(self.pixels.shape[2]):
+            plane = self.pixels[..., channel].clip(self.amplitude, self.maxval - self.amplitude).astype(np.float32)
+            plane[self.part] = 0
+            plane /= self.maxval
+            yield plane
+
+
+# the full-size field, (C, rows, W) float in integer units, given the first and last row + 1
+FieldRows = Callable[[int, int], torch.Tensor]
+# the field part's change, from what may be known when it is undone
+FieldFn = Callable[[Known], FieldRows]
+
+
+def bands(height: int) -> Iterator[tuple[int, int]]:
+    for top in range(0, height, BAND):
+        yield top, min(top + BAND, height)
+
+
+class _Pattern:
+    """The key's ±1 pattern, generated once and read by rows."""
+
+    def __init__(self, key: bytes, height: int, width: int, channels: int):
+        self.signs = key_pattern(key, height, width)[:channels]
+
+    def rows(self, top: int, bottom: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.signs[:, top:bottom].to(dtype)
 
 
 @dataclass(frozen=True)
@@ -147,57 +203,89 @@ class Coupling:
     # the headroom's rule (`headroom`), as the refine method that protected had it
     spread: bool = False
 
-    def field_change(self, planes: torch.Tensor, part: torch.Tensor, maxval: int) -> torch.Tensor:
-        """The field part's change, from nothing but the pattern part's pixels in `planes`.
+    def _field_change(self, known: Known, rows: FieldRows, top: int, bottom: int) -> torch.Tensor:
+        """The field part's change on rows [top, bottom), within its headroom (judged on the known
+        pixels one row further out)."""
+        above, below = max(top - 1, 0), min(bottom + 1, known.shape[0])
+        room = headroom(known.band(above, below), torch.from_numpy(~known.part[above:below]), known.maxval,
+                        MARGIN, self.spread)
+        inner = slice(top - above, bottom - above)
+        change = bounded(rows(top, bottom), room[0][:, inner], room[1][:, inner])
+        return change * torch.from_numpy(known.part[top:bottom])
 
-        Those are read clamped to `amplitude` inside the limits: a pattern pixel that clipped comes
-        back from the file alone off by at most the amplitude, and only next to a limit, so the
-        clamp reads it the same either way and the field is recomputed unchanged."""
-        known = planes.clamp(self.amplitude, maxval - self.amplitude) * ~part
-        room = headroom(known, ~part, maxval, MARGIN, self.spread)
-        return bounded(self.field(known, ~part, room), *room) * part
+    def _pattern_change(self, protected: torch.Tensor, part: np.ndarray, pattern: _Pattern, maxval: int,
+                        top: int, bottom: int, above: int) -> torch.Tensor:
+        """The pattern part's change on rows [top, bottom): the key's ±1 pattern times the
+        amplitude, within the headroom of the field part's protected pixels (what the file holds),
+        given as `protected` from row `above` to one row past `bottom`."""
+        room = headroom(protected, torch.from_numpy(part[above:above + protected.shape[1]]), maxval,
+                        MARGIN + self.reach, self.spread)
+        inner = slice(top - above, bottom - above)
+        signs = pattern.rows(top, bottom, protected.dtype)
+        return bounded(signs * self.amplitude, room[0][:, inner], room[1][:, inner]) * torch.from_numpy(~part[top:bottom])
 
-    def pattern_change(self, protected: torch.Tensor, part: torch.Tensor, maxval: int) -> torch.Tensor:
-        """The pattern part's change: the key's ±1 pattern times the amplitude, within the headroom
-        of the field part's protected pixels (what the file holds)."""
-        channels, height, width = protected.shape
-        signs = key_pattern(self.key, height, width)[:channels].to(protected.dtype)
-        room = headroom(protected, part, maxval, MARGIN + self.reach, self.spread)
-        return bounded(signs * self.amplitude, *room) * ~part
+    def _setup(self, pixels: np.ndarray) -> tuple[int, np.ndarray, _Pattern]:
+        height, width, channels = pixels.shape
+        return int(np.iinfo(pixels.dtype).max), field_part(self.key, height, width), _Pattern(self.key, height, width, channels)
 
     def couple(self, pixels: np.ndarray) -> Coupled:
         """Protects (H, W, C) integer pixels: the field part first, then the pattern part."""
-        maxval = int(np.iinfo(pixels.dtype).max)
-        part = torch.from_numpy(field_part(self.key, *pixels.shape[:2]))
-        planes = _planes(pixels)
-        out = planes + self.field_change(planes, part, maxval)
-        out += self.pattern_change(out.clamp(0, maxval), part, maxval)
-        result = np.ascontiguousarray(out.clamp(0, maxval).permute(1, 2, 0).numpy(), dtype=pixels.dtype)
-        clipped = np.flatnonzero(((out < 0) | (out > maxval)).permute(1, 2, 0).numpy())
-        return Coupled(result, clipped, pixels.reshape(-1)[clipped])
+        maxval, part, pattern = self._setup(pixels)
+        known = Known(pixels, part, self.amplitude, self.spread)
+        rows = self.field(known)
+        result, clipped_at = np.empty_like(pixels), []
+        height = pixels.shape[0]
+        for top, bottom in bands(height):
+            # the pattern's headroom reads the protected field part one row beyond the band
+            above, below = max(top - 1, 0), min(bottom + 1, height)
+            protected = _planes(pixels[above:below]) + self._field_change(known, rows, above, below)
+            out = protected[:, top - above:bottom - above]
+            out += self._pattern_change(protected.clamp(0, maxval), part, pattern, maxval, top, bottom, above)
+            result[top:bottom] = out.clamp(0, maxval).permute(1, 2, 0).numpy()
+            clipped = np.flatnonzero(((out < 0) | (out > maxval)).permute(1, 2, 0).numpy())
+            clipped_at.append(clipped + top * pixels.shape[1] * pixels.shape[2])
+        clipped_at = np.concatenate(clipped_at)
+        return Coupled(result, clipped_at, pixels.reshape(-1)[clipped_at])
+
+    def _without_pattern(self, protected: np.ndarray, part: np.ndarray, pattern: _Pattern, maxval: int,
+                         keep: np.ndarray | None = None) -> np.ndarray:
+        """The image with the pattern part's change undone (clamped to the limits, which is all
+        the field reads of it and all an output keeps), or that change itself into `keep`."""
+        out, height = np.empty_like(protected), protected.shape[0]
+        for top, bottom in bands(height):
+            above, below = max(top - 1, 0), min(bottom + 1, height)
+            planes = _planes(protected[above:below])
+            change = self._pattern_change(planes, part, pattern, maxval, top, bottom, above)
+            restored = planes[:, top - above:bottom - above] - change
+            out[top:bottom] = restored.clamp(0, maxval).permute(1, 2, 0).numpy()
+            if keep is not None:
+                keep[top:bottom] = change.permute(1, 2, 0).numpy()
+        return out
 
     def change(self, protected: np.ndarray) -> np.ndarray:
         """The change `couple` made, (H, W, C) integers, as well as a copy of the protected image
         tells it (the headroom is read off the copy, which matters only beside black and white):
         what to subtract from a copy that was recompressed, given the field it was made with."""
-        maxval = int(np.iinfo(protected.dtype).max)
-        part = torch.from_numpy(field_part(self.key, *protected.shape[:2]))
-        planes = _planes(protected)
-        pattern = self.pattern_change(planes, part, maxval)
-        change = pattern + self.field_change(planes - pattern, part, maxval)
-        return np.ascontiguousarray(change.permute(1, 2, 0).numpy())
+        maxval, part, pattern = self._setup(protected)
+        change = np.empty(protected.shape, dtype=np.int32)
+        known = Known(self._without_pattern(protected, part, pattern, maxval, keep=change), part, self.amplitude, self.spread)
+        rows = self.field(known)
+        for top, bottom in bands(protected.shape[0]):
+            change[top:bottom] += self._field_change(known, rows, top, bottom).permute(1, 2, 0).numpy()
+        return change
 
     def uncouple(self, protected: np.ndarray, clipped_at: np.ndarray | None = None,
                  clipped_values: np.ndarray | None = None) -> np.ndarray:
         """Undoes `couple`: the pattern part with the file and the key, then the field recomputed
         from the restored pattern part. With the record's clipped pixels the result is exact; from
         the file alone a pixel that clipped is off by what it lost (a lone speck by black or white)."""
-        maxval = int(np.iinfo(protected.dtype).max)
-        part = torch.from_numpy(field_part(self.key, *protected.shape[:2]))
-        planes = _planes(protected)
-        planes -= self.pattern_change(planes, part, maxval)
-        planes -= self.field_change(planes, part, maxval)
-        out = np.ascontiguousarray(planes.clamp(0, maxval).permute(1, 2, 0).numpy(), dtype=protected.dtype)
+        maxval, part, pattern = self._setup(protected)
+        restored = self._without_pattern(protected, part, pattern, maxval)
+        known = Known(restored, part, self.amplitude, self.spread)
+        rows = self.field(known)
+        for top, bottom in bands(protected.shape[0]):
+            planes = _planes(restored[top:bottom]) - self._field_change(known, rows, top, bottom)
+            restored[top:bottom] = planes.clamp(0, maxval).permute(1, 2, 0).numpy()
         if clipped_at is not None and len(clipped_at):
-            out.reshape(-1)[clipped_at] = clipped_values
-        return out
+            restored.reshape(-1)[clipped_at] = clipped_values
+        return restored

@@ -2,13 +2,29 @@
 than the protected file alone allows: the field the refinement applied (to subtract it from a
 copy a platform recompressed or resized, where recomputing it would not give the same field) and
 the original values of the few pixels that clipped at black or white (so that recovery from the
-file is exact even there).
+file is exact even then).
 
-The bytes are versioned: version 1 is
+The field is kept as a platform's JPEG keeps a photo, since that is all a copy still holds of it:
+its brightness at full resolution, in steps of `LUMA_STEP` grey levels, and its colour (the two
+chroma planes) as means over 4×4 blocks, in steps of `CHROMA_STEP`. That is a third of the bytes
+of the field itself, for at most 0.4 dB less on a JPEG-90 4:2:0 copy (bench/quality.py). Exact
+recovery never reads the field: it recomputes it from the protected file.
+
+The bytes are versioned. Version 2, written today:
+    b"RCV2" | height (u16) | width (u16) | clipped count (u32) |
+    lzma(luma codes: int8, (height, width)) |
+    lzma(chroma codes: int8, (2, ceil(height / 4), ceil(width / 4)), Cb then Cr) |
+    lzma(clipped indices: u32 into the (H, W, C) array, then their values: u16)
+with each lzma stream length-prefixed (u32). All integers are little-endian. Luma and chroma are
+BT.601 full-range (JPEG's): Y = 0.299 R + 0.587 G + 0.114 B, Cb = (B − Y) / 1.772,
+Cr = (R − Y) / 1.402. The field is Y = 3 × code, Cb and Cr = 2 × code upsampled bilinearly (half-
+pixel centres, as torch's align_corners=False) to (height, width), then back to RGB. A block at the
+bottom or right edge averages the pixels it has.
+
+Version 1 (the first records of the refine scheme) kept the field itself:
     b"RCV1" | height (u16) | width (u16) | clipped count (u32) |
-    lzma(field: int8, (3, height, width), whole 8-bit grey levels) |
-    lzma(clipped indices: u32 little-endian into the (H, W, C) array, then their values: u16 little-endian)
-with the two lzma streams length-prefixed (u32 each). All integers are little-endian.
+    lzma(field: int8, (3, height, width), whole 8-bit grey levels) | lzma(clipped, as above)
+and is read into version 2's form.
 """
 
 from __future__ import annotations
@@ -18,48 +34,102 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-MAGIC = b"RCV1"
+MAGIC, FIRST_MAGIC = b"RCV2", b"RCV1"
+LUMA_STEP, CHROMA_STEP, CHROMA_BLOCK = 3, 2, 4
 _HEADER = struct.Struct("<4sHHI")
 _LENGTH = struct.Struct("<I")
+_TO_YCC = np.array([[0.299, 0.587, 0.114],
+                    [-0.299 / 1.772, -0.587 / 1.772, 0.886 / 1.772],
+                    [0.701 / 1.402, -0.587 / 1.402, -0.114 / 1.402]])
+_TO_RGB = np.linalg.inv(_TO_YCC)
+
+
+def _blocks(height: int, width: int) -> tuple[int, int]:
+    return -(-height // CHROMA_BLOCK), -(-width // CHROMA_BLOCK)
+
+
+def _codes(values: np.ndarray, step: int) -> np.ndarray:
+    return np.clip(np.rint(values / step), -128, 127).astype(np.int8)
 
 
 @dataclass(frozen=True)
 class RecoveryData:
-    field: np.ndarray
+    """The kept field (`luma`, `chroma` codes; `field()` rebuilds it) and the clipped pixels."""
+
+    luma: np.ndarray
+    chroma: np.ndarray
     clipped_at: np.ndarray
     clipped_values: np.ndarray
 
     def __post_init__(self) -> None:
-        if not isinstance(self.field, np.ndarray) or self.field.dtype != np.int8 or self.field.ndim != 3 \
-                or self.field.shape[0] != 3:
-            raise ValueError("the field must be (3, h, w) int8")
+        if not isinstance(self.luma, np.ndarray) or self.luma.dtype != np.int8 or self.luma.ndim != 2:
+            raise ValueError("the luma codes must be (h, w) int8")
+        if (not isinstance(self.chroma, np.ndarray) or self.chroma.dtype != np.int8
+                or self.chroma.shape != (2, *_blocks(*self.luma.shape))):
+            raise ValueError(f"the chroma codes must be (2, {', '.join(map(str, _blocks(*self.luma.shape)))}) int8")
         if len(self.clipped_at) != len(self.clipped_values):
             raise ValueError("every clipped pixel needs its value")
 
+    @classmethod
+    def keep(cls, field: np.ndarray, clipped_at: np.ndarray, clipped_values: np.ndarray) -> RecoveryData:
+        """What the record keeps of `field` ((3, h, w), 8-bit grey levels) and the clipped pixels."""
+        if not isinstance(field, np.ndarray) or field.ndim != 3 or field.shape[0] != 3:
+            raise ValueError("the field must be (3, h, w)")
+        height, width = field.shape[1:]
+        ycc = np.einsum("ij,jhw->ihw", _TO_YCC, field.astype(np.float64))
+        rows, cols = _blocks(height, width)
+        # edge blocks average what they have: sums over the padded grid over the real counts
+        padded = np.zeros((2, rows * CHROMA_BLOCK, cols * CHROMA_BLOCK))
+        padded[:, :height, :width] = ycc[1:]
+        count = np.zeros((rows * CHROMA_BLOCK, cols * CHROMA_BLOCK))
+        count[:height, :width] = 1
+        shape = (rows, CHROMA_BLOCK, cols, CHROMA_BLOCK)
+        means = padded.reshape(2, *shape).sum((2, 4)) / count.reshape(shape).sum((1, 3))
+        return cls(_codes(ycc[0], LUMA_STEP), _codes(means, CHROMA_STEP),
+                   np.asarray(clipped_at, dtype=np.int64), np.asarray(clipped_values, dtype=np.uint16))
+
+    def field(self) -> np.ndarray:
+        """The kept field, (3, h, w) float32 in 8-bit grey levels."""
+        height, width = self.luma.shape
+        chroma = torch.from_numpy(self.chroma.astype(np.float32) * CHROMA_STEP)[None]
+        chroma = F.interpolate(chroma, size=(height, width), mode="bilinear", align_corners=False)[0].numpy()
+        ycc = np.concatenate([self.luma[None].astype(np.float32) * LUMA_STEP, chroma])
+        return np.einsum("ij,jhw->ihw", _TO_RGB.astype(np.float32), ycc).astype(np.float32)
+
     def to_bytes(self) -> bytes:
-        _, height, width = self.field.shape
+        height, width = self.luma.shape
         clipped = np.asarray(self.clipped_at, dtype="<u4").tobytes() + np.asarray(self.clipped_values, dtype="<u2").tobytes()
-        parts = [lzma.compress(np.ascontiguousarray(self.field).tobytes()), lzma.compress(clipped)]
+        parts = [lzma.compress(np.ascontiguousarray(codes).tobytes(), preset=9 | lzma.PRESET_EXTREME)
+                 for codes in (self.luma, self.chroma)] + [lzma.compress(clipped)]
         return _HEADER.pack(MAGIC, height, width, len(self.clipped_at)) + b"".join(_LENGTH.pack(len(p)) + p for p in parts)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RecoveryData:
-        """Reads `to_bytes`; anything else is a ValueError (never a field silently wrong)."""
+        """Reads `to_bytes` (or version 1); anything else is a ValueError (never a field silently
+        wrong)."""
         try:
             magic, height, width, count = _HEADER.unpack_from(data)
-            if magic != MAGIC:
+            if magic not in (MAGIC, FIRST_MAGIC):
                 raise ValueError(f"unknown recovery data version {magic!r}")
             offset, parts = _HEADER.size, []
-            for _ in range(2):
+            for _ in range(3 if magic == MAGIC else 2):
                 (length,) = _LENGTH.unpack_from(data, offset)
                 parts.append(lzma.decompress(data[offset + _LENGTH.size:offset + _LENGTH.size + length]))
                 offset += _LENGTH.size + length
-            if offset != len(data) or len(parts[0]) != 3 * height * width or len(parts[1]) != 6 * count:
+            rows, cols = _blocks(height, width)
+            sizes = [height * width, 2 * rows * cols, 6 * count] if magic == MAGIC else [3 * height * width, 6 * count]
+            if offset != len(data) or [len(part) for part in parts] != sizes:
                 raise ValueError("the recovery data's sizes do not add up")
         except (struct.error, lzma.LZMAError) as error:
             raise ValueError(f"damaged recovery data ({error})") from None
-        field = np.frombuffer(parts[0], dtype=np.int8).reshape(3, height, width).copy()
-        clipped_at = np.frombuffer(parts[1][:4 * count], dtype="<u4").astype(np.int64)
-        clipped_values = np.frombuffer(parts[1][4 * count:], dtype="<u2").astype(np.uint16)
-        return cls(field, clipped_at, clipped_values)
+        clipped_at = np.frombuffer(parts[-1][:4 * count], dtype="<u4").astype(np.int64)
+        clipped_values = np.frombuffer(parts[-1][4 * count:], dtype="<u2").astype(np.uint16)
+        if magic == FIRST_MAGIC:
+            field = np.frombuffer(parts[0], dtype=np.int8).reshape(3, height, width)
+            return cls.keep(field, clipped_at, clipped_values)
+        luma = np.frombuffer(parts[0], dtype=np.int8).reshape(height, width).copy()
+        chroma = np.frombuffer(parts[1], dtype=np.int8).reshape(2, rows, cols).copy()
+        return cls(luma, chroma, clipped_at, clipped_values)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .coupling import estimate
+from .coupling import FieldRows, Known, estimate
 from .rgan.keying import key_pattern, keystream
 from .surrogate import surrogate
 
@@ -60,14 +60,18 @@ class Method:
     costs less PSNR. `standard_views`: every other step sees the standard views, not a draw of
     what platforms vary (a few steps that each see another draw converge on none of them).
     `spread`: the coupling's headroom also shrinks with the spread of a pixel's neighbours,
-    which leaves textured regions, where the field does most, nearly no room."""
+    which leaves textured regions, where the field does most, nearly no room. `upsample_rows`:
+    the field is brought to full size a band of rows at a time (`upsampled_rows`), not a whole
+    float32 image at once by Pillow (1 GiB at 24 megapixels)."""
 
     softness: float
     standard_views: bool
     spread: bool
+    upsample_rows: bool
 
 
-METHODS = {1: Method(0.1, standard_views=False, spread=True), 2: Method(0.5, standard_views=True, spread=False)}
+METHODS = {1: Method(0.1, standard_views=False, spread=True, upsample_rows=False),
+           2: Method(0.5, standard_views=True, spread=False, upsample_rows=True)}
 METHOD = 2
 
 
@@ -173,6 +177,30 @@ def resample(planes: np.ndarray, height: int, width: int) -> np.ndarray:
                                 .resize((width, height), Image.Resampling.BILINEAR)) for plane in planes])
 
 
+def _bilinear_taps(size: int, out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Half-pixel-centred bilinear upsampling from `size` to `out` samples (torch's
+    align_corners=False): each output's two source indices and the second one's weight."""
+    source = np.maximum((np.arange(out) + 0.5) * (size / out) - 0.5, 0)
+    first = np.minimum(np.floor(source).astype(np.int64), size - 1)
+    return first, np.minimum(first + 1, size - 1), (source - first).astype(np.float32)
+
+
+def upsampled_rows(field: np.ndarray, height: int, width: int) -> FieldRows:
+    """(C, h, w) float32 → rows of its bilinear upsampling to (C, height, width), any band of
+    rows the same as in the whole: across the columns once (h rows, cheap), down the rows on
+    demand. Separate float32 multiplies and adds in a fixed order: the same on every machine."""
+    left, right, weight = _bilinear_taps(field.shape[2], width)
+    across = field[:, :, left] * (1 - weight) + field[:, :, right] * weight
+    top_taps = _bilinear_taps(field.shape[1], height)
+
+    def rows(top: int, bottom: int) -> torch.Tensor:
+        upper, lower, down = (taps[top:bottom] for taps in top_taps)
+        down = down[None, :, None]
+        return torch.from_numpy(across[:, upper] * (1 - down) + across[:, lower] * down)
+
+    return rows
+
+
 # Photos whose shorter side is at most this are rendered at full size during the steps, with the
 # field on its part of the pixels exactly as it will be applied; larger ones at the view's scale,
 # where the part's half of the pixels averages to half the field.
@@ -206,25 +234,31 @@ class Refinement:
         self.method = method
         self.field: np.ndarray | None = None
 
-    def __call__(self, known: torch.Tensor, mask: torch.Tensor, room: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        height, width = known.shape[-2:]
+    def __call__(self, known: Known) -> FieldRows:
+        height, width = known.shape
         with fixed_threads(), torch.enable_grad():
-            field = self._steps(known, mask, room)
+            field = self._steps(known)
         self.field = field
-        return torch.from_numpy(resample(field.astype(np.float32) * (self.maxval / 255), height, width))
+        scaled = field.astype(np.float32) * (self.maxval / 255)
+        if self.method.upsample_rows:
+            return upsampled_rows(scaled, height, width)
+        planes = resample(scaled, height, width)
+        return lambda top, bottom: torch.from_numpy(planes[:, top:bottom])
 
-    def _base(self, known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The image the steps start from, on [0, 1]: at full size with the field part estimated
-        from its neighbours, or at the view's scale, each pixel the mean of the known pixels under
-        the resizer's footprint (at half density and two or more pixels a footprint, as good as
-        the whole image's downscale)."""
-        height, width = known.shape[-2:]
+    def _base(self, known: Known) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The image the steps start from, on [0, 1], with the field part's headroom when it is at
+        full size: at full size with the field part estimated from its neighbours, or at the view's
+        scale, each pixel the mean of the known pixels under the resizer's footprint (at half
+        density and two or more pixels a footprint, as good as the whole image's downscale), one
+        channel at a time."""
+        height, width = known.shape
         if min(height, width) <= FULL_RENDER_SHORT:
-            return (estimate(known, mask) / self.maxval)[None]
+            planes, mask, room = known.whole()
+            return (estimate(planes, mask) / self.maxval)[None], room
         size = _scaled(height, width, VIEW_SHORT)
-        total = resample((known * mask).float().numpy() / self.maxval, *size)
-        weight = resample(mask.float().numpy()[None], *size)
-        return torch.from_numpy(total / np.maximum(weight, 1e-6))[None]
+        total = np.concatenate([resample(plane[None], *size) for plane in known.planes()])
+        weight = resample((~known.part).astype(np.float32)[None], *size)
+        return torch.from_numpy(total / np.maximum(weight, 1e-6))[None], None
 
     def start(self, base: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Where the steps begin, on [−1, 1] of the bound, at the field's size: G's proposal on the
@@ -237,14 +271,14 @@ class Refinement:
         small = torch.from_numpy(resample(base[0].numpy(), fh, fw))[None]
         return proposal(self.model, small, key_pattern(self.key, fh, fw))
 
-    def _steps(self, known: torch.Tensor, mask: torch.Tensor, room: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
-        height, width = known.shape[-2:]
+    def _steps(self, known: Known) -> np.ndarray:
+        height, width = known.shape
         generator = key_generator(self.key, self.attempt)
         classifier = surrogate()
-        base = self._base(known, mask)
-        full = base.shape[-2:] == (height, width)
+        base, room = self._base(known)
+        full = room is not None
         if full:
-            part = (~mask)[None, None].float()
+            part = torch.from_numpy(known.part)[None, None].float()
             low, high = (room[0] / self.maxval)[None], (room[1] / self.maxval)[None]
         with torch.no_grad():
             avoid = classifier(views(base)).topk(1 + self.attempt, dim=1).indices

@@ -51,8 +51,14 @@ def labels(pixels: np.ndarray) -> dict[str, int] | None:
     scale = 65535 if pixels.dtype == np.uint16 else 255
     grey_or_rgb = pixels if pixels.ndim == 3 else pixels[..., None]
     colour = grey_or_rgb[..., :3] if grey_or_rgb.shape[2] >= 3 else np.repeat(grey_or_rgb[..., :1], 3, axis=2)
-    image = torch.from_numpy(colour.astype(np.float32) / scale).permute(2, 0, 1)[None]
-    views = torch.cat([platform_view(image, view) for view in VIEWS])
+    # a channel at a time: the views resize each channel on its own, and a 24-megapixel photo in
+    # float32 would take 290 MB at once
+    channels = []
+    for channel in range(3):
+        plane = colour[..., channel].astype(np.float32)
+        plane /= scale
+        channels.append([platform_view(torch.from_numpy(plane)[None, None], view) for view in VIEWS])
+    views = torch.cat([torch.cat([seen[index] for seen in channels], 1) for index in range(len(VIEWS))])
     return dict(zip(VIEWS, classifier(views).argmax(1).tolist()))
 
 

@@ -15,11 +15,12 @@ from conftest import SAMPLE
 from PIL import Image
 
 from agent import pipeline, selfcheck
-from agent.coupling import Coupling, estimate, field_part, headroom
+from agent import coupling as coupling_module
+from agent.coupling import Coupling, bands, estimate, field_part, headroom
 from agent.jpeg import Quantization
 from agent.pipeline import ProtectInfo, ProtectOptions, protect, protect_rgan, recover
 from agent.recovery import RecoveryData
-from agent.refine import METHOD, Budget, field_size, views
+from agent.refine import METHOD, Budget, field_size, upsampled_rows, views
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -84,9 +85,9 @@ def test_the_coupling_undoes_any_field_exactly(dtype):
     pixels[:10] = maxval
     pixels[-10:] = 0
 
-    def wild(known, mask, room):
+    def wild(known):
         # depends on the known pixels in an arbitrary, discontinuous way
-        return torch.sin(known.float() * 0.37) * maxval * 0.2
+        return lambda top, bottom: torch.sin(known.band(top, bottom).float() * 0.37) * maxval * 0.2
 
     coupling = Coupling(KEY, wild, maxval // 255, 52)
     coupled = coupling.couple(pixels)
@@ -97,11 +98,69 @@ def test_the_coupling_undoes_any_field_exactly(dtype):
     assert np.array_equal(coupling.uncouple(coupled.pixels).reshape(-1)[unclipped], pixels.reshape(-1)[unclipped])
 
 
+def test_bands_are_invisible(monkeypatch):
+    """The coupling works a band of rows at a time (memory); the bands' size changes nothing, with
+    a field read by rows from the whole (the first method) or upsampled by rows (today's)."""
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (37, 23, 3), dtype=np.uint8)
+    pixels[:6] = 255
+    small = (rng.normal(size=(3, 9, 6)) * 9).astype(np.float32)
+
+    def by_rows(known):
+        return upsampled_rows(small, *known.shape)
+
+    def from_the_whole(known):
+        whole = torch.sin(torch.cat([known.band(top, bottom) for top, bottom in bands(known.shape[0])], 1).float()) * 9
+        return lambda top, bottom: whole[:, top:bottom]
+
+    for field in (by_rows, from_the_whole):
+        coupling = Coupling(KEY, field, 2, 12)
+        whole = coupling.couple(pixels)
+        monkeypatch.setattr(coupling_module, "BAND", 4)
+        banded = coupling.couple(pixels)
+        assert np.array_equal(banded.pixels, whole.pixels) and np.array_equal(banded.clipped_at, whole.clipped_at)
+        assert np.array_equal(coupling.uncouple(banded.pixels, banded.clipped_at, banded.clipped_values), pixels)
+        assert np.array_equal(coupling.change(banded.pixels), coupling.change(whole.pixels))
+        monkeypatch.undo()
+    rows = upsampled_rows(small, 37, 23)
+    full = torch.nn.functional.interpolate(torch.from_numpy(small)[None], size=(37, 23), mode="bilinear")[0]
+    assert torch.allclose(rows(0, 37), full, atol=1e-5) and torch.equal(rows(10, 19), rows(0, 37)[:, 10:19])
+
+
 def test_recovery_data_round_trips_and_refuses_damage():
-    data = RecoveryData(np.arange(-6, 6, dtype=np.int8).reshape(3, 2, 2), np.array([3, 9]), np.array([255, 0], np.uint16))
+    field = np.arange(-30, 30, dtype=np.int8).reshape(3, 4, 5) // 3
+    data = RecoveryData.keep(field, np.array([3, 9]), np.array([255, 0], np.uint16))
     again = RecoveryData.from_bytes(data.to_bytes())
-    assert np.array_equal(again.field, data.field) and list(again.clipped_at) == [3, 9]
+    assert data.to_bytes()[:4] == b"RCV2" and again.chroma.shape == (2, 1, 2)
+    assert np.array_equal(again.luma, data.luma) and np.array_equal(again.chroma, data.chroma)
+    assert list(again.clipped_at) == [3, 9] and list(again.clipped_values) == [255, 0]
     for bad in (b"", b"XXXX" + data.to_bytes()[4:], data.to_bytes()[:-3], data.to_bytes() + b"\0"):
+        with pytest.raises(ValueError):
+            RecoveryData.from_bytes(bad)
+    with pytest.raises(ValueError, match="chroma"):
+        RecoveryData(data.luma, data.chroma[:, :, :1], data.clipped_at, data.clipped_values)
+
+
+def test_the_kept_field_is_its_brightness_and_coarse_colour():
+    """Known answers: grey keeps its level to the luma step; colour is kept as 4×4 means."""
+    grey = RecoveryData.keep(np.full((3, 8, 8), 6, np.int8), [], [])
+    assert np.array_equal(grey.luma, np.full((8, 8), 2)) and not grey.chroma.any()
+    assert np.allclose(grey.field(), 6, atol=1e-4)
+    red = RecoveryData.keep(np.stack([np.full((8, 8), 8), np.zeros((8, 8)), np.zeros((8, 8))]).astype(np.int8), [], [])
+    assert np.abs(red.field() - [[[8]], [[0]], [[0]]]).max() <= 1.5
+    # a smooth field, as refinement makes at the view's scale, comes back within a level or so (RMS)
+    smooth = torch.nn.functional.interpolate(torch.randn(1, 3, 8, 10, generator=torch.Generator().manual_seed(1)) * 5,
+                                             size=(64, 80), mode="bilinear")[0].round().numpy().astype(np.int8)
+    rebuilt = RecoveryData.keep(smooth, [], []).field()
+    assert np.sqrt(np.mean((rebuilt - smooth) ** 2)) < 1.5  # the luma step alone gives 0.87
+
+
+def test_recovery_data_of_the_first_version_is_read():
+    first = (ROOT / "tests" / "data" / "refine-method-1" / "recovery.bin").read_bytes()
+    assert first[:4] == b"RCV1"
+    data = RecoveryData.from_bytes(first)
+    assert data.luma.shape == (90, 120) and len(data.clipped_at) == len(data.clipped_values)
+    for bad in (first[:-3], first + b"\0"):
         with pytest.raises(ValueError):
             RecoveryData.from_bytes(bad)
 
