@@ -287,5 +287,7 @@ class Coupling:
             planes = _planes(restored[top:bottom]) - self._field_change(known, rows, top, bottom)
             restored[top:bottom] = planes.clamp(0, maxval).permute(1, 2, 0).numpy()
         if clipped_at is not None and len(clipped_at):
+            if int(np.max(clipped_at)) >= restored.size or int(np.min(clipped_at)) < 0:
+                raise ValueError("the record's clipped pixels lie outside this image: it is not the record of this image")
             restored.reshape(-1)[clipped_at] = clipped_values
         return restored

@@ -14,7 +14,8 @@ The bytes are versioned. Version 2, written today:
     b"RCV2" | height (u16) | width (u16) | clipped count (u32) |
     lzma(luma codes: int8, (height, width)) |
     lzma(chroma codes: int8, (2, ceil(height / 4), ceil(width / 4)), Cb then Cr) |
-    lzma(clipped indices: u32 into the (H, W, C) array, then their values: u16)
+    lzma(clipped indices: u32 into the (H, W, C) array, ascending, each but the first as the
+         difference from the one before; then their values: u16)
 with each lzma stream length-prefixed (u32). All integers are little-endian. Luma and chroma are
 BT.601 full-range (JPEG's): Y = 0.299 R + 0.587 G + 0.114 B, Cb = (B − Y) / 1.772,
 Cr = (R − Y) / 1.402. The field is Y = 3 × code, Cb and Cr = 2 × code upsampled bilinearly (half-
@@ -23,7 +24,8 @@ bottom or right edge averages the pixels it has.
 
 Version 1 (the first records of the refine scheme) kept the field itself:
     b"RCV1" | height (u16) | width (u16) | clipped count (u32) |
-    lzma(field: int8, (3, height, width), whole 8-bit grey levels) | lzma(clipped, as above)
+    lzma(field: int8, (3, height, width), whole 8-bit grey levels) |
+    lzma(clipped indices: u32, each whole; then their values: u16)
 and is read into version 2's form.
 """
 
@@ -101,7 +103,10 @@ class RecoveryData:
 
     def to_bytes(self) -> bytes:
         height, width = self.luma.shape
-        clipped = np.asarray(self.clipped_at, dtype="<u4").tobytes() + np.asarray(self.clipped_values, dtype="<u2").tobytes()
+        order = np.argsort(self.clipped_at, kind="stable")
+        at = np.asarray(self.clipped_at, dtype=np.int64)[order]
+        # ascending indices as differences: mostly small numbers, which lzma packs far better
+        clipped = np.diff(at, prepend=0).astype("<u4").tobytes() + np.asarray(self.clipped_values, dtype="<u2")[order].tobytes()
         parts = [lzma.compress(np.ascontiguousarray(codes).tobytes(), preset=9 | lzma.PRESET_EXTREME)
                  for codes in (self.luma, self.chroma)] + [lzma.compress(clipped)]
         return _HEADER.pack(MAGIC, height, width, len(self.clipped_at)) + b"".join(_LENGTH.pack(len(p)) + p for p in parts)
@@ -132,4 +137,4 @@ class RecoveryData:
             return cls.keep(field, clipped_at, clipped_values)
         luma = np.frombuffer(parts[0], dtype=np.int8).reshape(height, width).copy()
         chroma = np.frombuffer(parts[1], dtype=np.int8).reshape(2, rows, cols).copy()
-        return cls(luma, chroma, clipped_at, clipped_values)
+        return cls(luma, chroma, np.cumsum(clipped_at), clipped_values)

@@ -93,6 +93,8 @@ def test_the_coupling_undoes_any_field_exactly(dtype):
     coupled = coupling.couple(pixels)
     assert not np.array_equal(coupled.pixels, pixels)
     assert np.array_equal(coupling.uncouple(coupled.pixels, coupled.clipped_at, coupled.clipped_values), pixels)
+    with pytest.raises(ValueError, match="outside this image"):
+        coupling.uncouple(coupled.pixels, np.array([pixels.size]), np.array([0]))
     unclipped = np.ones(pixels.size, bool)
     unclipped[coupled.clipped_at] = False
     assert np.array_equal(coupling.uncouple(coupled.pixels).reshape(-1)[unclipped], pixels.reshape(-1)[unclipped])
@@ -129,11 +131,11 @@ def test_bands_are_invisible(monkeypatch):
 
 def test_recovery_data_round_trips_and_refuses_damage():
     field = np.arange(-30, 30, dtype=np.int8).reshape(3, 4, 5) // 3
-    data = RecoveryData.keep(field, np.array([3, 9]), np.array([255, 0], np.uint16))
+    data = RecoveryData.keep(field, np.array([9, 3, 70000]), np.array([255, 0, 7], np.uint16))
     again = RecoveryData.from_bytes(data.to_bytes())
     assert data.to_bytes()[:4] == b"RCV2" and again.chroma.shape == (2, 1, 2)
     assert np.array_equal(again.luma, data.luma) and np.array_equal(again.chroma, data.chroma)
-    assert list(again.clipped_at) == [3, 9] and list(again.clipped_values) == [255, 0]
+    assert list(again.clipped_at) == [3, 9, 70000] and list(again.clipped_values) == [0, 255, 7]
     for bad in (b"", b"XXXX" + data.to_bytes()[4:], data.to_bytes()[:-3], data.to_bytes() + b"\0"):
         with pytest.raises(ValueError):
             RecoveryData.from_bytes(bad)
