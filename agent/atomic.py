@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import secrets
+import time
 from pathlib import Path
 from typing import Iterator
+
+# `atomic_path`'s temporary name for a target NAME: .NAME.<12 hex digits>.tmp
+_TOKEN = re.compile(r"[0-9a-f]{12}")
 
 
 @contextlib.contextmanager
@@ -30,6 +36,24 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale(target: Path, older_than: float = 0.0) -> list[Path]:
+    """Removes the temporary files `atomic_path` left beside `target` (a process killed before its
+    rename) that nothing has touched for `older_than` seconds; returns them. With 0, the caller
+    must know that no other process is writing `target` (it holds a lock for it)."""
+    target = Path(target)
+    prefix = f".{target.name}."
+    removed = []
+    for path in target.parent.glob(glob.escape(prefix) + "*.tmp"):
+        token = path.name[len(prefix):-len(".tmp")]
+        try:
+            if _TOKEN.fullmatch(token) and time.time() - path.stat().st_mtime >= older_than:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # its writer finished or cleaned up meanwhile
+            continue
+    return removed
 
 
 def write_text(target: Path, text: str) -> None:

@@ -434,6 +434,8 @@ def keys_show(
     info = _call(service.show_keys, _home(), user)
     if as_json:
         _echo_json(info)
+        if info["warning"]:
+            raise typer.Exit(2)
         return
     table = Table(title=f"keys of {info['user']} ({info['records']} records)")
     table.add_column("RGAN key id")
@@ -444,6 +446,8 @@ def keys_show(
     console.print(table)
     console.print(f"signing public key (Ed25519): {info['signing_public_key']}", soft_wrap=True)
     console.print(f"key file: {escape(info['file'])} (scrypt n={info['kdf']['n']})", soft_wrap=True)
+    if info["warning"]:
+        fail(info["warning"])
 
 
 @keys_app.command("export")
@@ -677,8 +681,10 @@ def protect(
 def recover(
     images: list[Path] = typer.Argument(..., help="protected photos (or folders of them)", show_default=False),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="folder for the outputs [default: beside each photo]"),
-    user: Optional[str] = typer.Option(None, "--user", "-u", help="only this user's records; for a photo with no "
-                                       "record, try this user's active key anyway"),
+    user: Optional[str] = typer.Option(None, "--user", "-u", help="this user's photos: one whose record is "
+                                       "another user's is refused"),
+    force: bool = typer.Option(False, "--force", help="with --user, recover a photo that has no record with the "
+                               "user's active key (right only if that key protected it)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing outputs"),
     passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -692,7 +698,7 @@ def recover(
     passphrase = _passphrase(passphrase_file, recall=True, user=user)
     with _progress("recovering") as on_progress:
         results = _call(service.recover_paths, _home(), images, out, passphrase, user, overwrite=overwrite,
-                        on_progress=on_progress)
+                        force=force, on_progress=on_progress)
     if as_json:
         _echo_json([r.to_dict() for r in results])
     elif any(r.ok for r in results):
@@ -721,8 +727,13 @@ def check(
     result = _call(service.check_image, _home(), image)
     if as_json:
         _echo_json(result.to_dict())
+        if result.authentic is False:
+            raise typer.Exit(2)
         return
     record = result.record or result.original_of
+    if result.authentic is False:
+        fail(f"{image}: record {record.id} does not verify ({result.problem}): what it says about this photo "
+             "cannot be trusted; run `agent log verify`")
     if result.protected:
         how = "exactly" if result.matched_by == "sha256" else f"as a look-alike ({result.distance} bits)"
         console.print(f"[green]protected[/green] by user [bold]{escape(record.user)}[/bold] on {record.time} "
@@ -785,11 +796,19 @@ def log(
     table = Table(title=f"{len(listing.records)} protections")
     for column in ("time", "user", "#", "file", "size", "PSNR dB", "record"):
         table.add_column(column, overflow="fold")
+    table.add_column("signed", no_wrap=True)
+    unverified = listing.unverified
     for r in listing.records:
         name = r.file_name if r.decrypted else "(encrypted)"
         table.add_row(r.time[:19].replace("T", " "), r.user, str(r.seq), name or "", _size(r.working_size),
-                      "" if r.psnr is None else f"{r.psnr:.1f}", r.id[:12])
+                      "" if r.psnr is None else f"{r.psnr:.1f}", r.id[:12],
+                      f"[red]{unverified[r.id].kind.upper()}[/red]" if r.id in unverified else "ok")
     console.print(table)
+    for problem in listing.problems:
+        err_console.print(f"[red]warning:[/red] {escape(str(problem))}", soft_wrap=True)
+    if listing.problems:
+        err_console.print("what these records say cannot be trusted; `agent log verify` checks the whole log",
+                          soft_wrap=True)
     if listing.locked:
         console.print(f"file names of {', '.join(listing.locked)} stay encrypted: give their passphrase with "
                       "--passphrase-file or AGENT_PASSPHRASE", soft_wrap=True)

@@ -881,13 +881,16 @@ def public_keys_from_store(store: Path) -> dict[str, bytes]:
 
 
 def verify_chain(session: Session, public_keys: Mapping[str, bytes] | Iterable[UserKeys] | None = None, *,
-                 anchors: Mapping[str, ChainHead] | Iterable[ChainHead] | None = None) -> VerifyReport:
-    """Checks every record's hash and signature and every chain link; names each altered,
-    inserted and removed record (see the module docstring for what each means and what cannot be
-    told without `anchors`, earlier `chain_head` results kept outside the database).
+                 anchors: Mapping[str, ChainHead] | Iterable[ChainHead] | None = None,
+                 user: str | None = None, key_sources: Mapping[str, str] | None = None) -> VerifyReport:
+    """Checks every record's hash and signature and every chain link (of `user`'s chain only, if
+    given); names each altered, inserted and removed record (see the module docstring for what each
+    means and what cannot be told without `anchors`, earlier `chain_head` results kept outside the
+    database).
 
     `public_keys`: user -> raw Ed25519 public key, or unlocked `UserKeys`, that the caller trusts;
     users without one are checked against the key in the `users` table, and the report lists them.
+    `key_sources`: user -> where their trusted key came from, for the report (e.g. a key file).
     """
     trusted: dict[str, bytes] = {}
     if public_keys is not None:
@@ -902,8 +905,12 @@ def verify_chain(session: Session, public_keys: Mapping[str, bytes] | Iterable[U
     else:
         anchor_map = {a.user: a for a in anchors}
 
-    users = {u.id: u for u in session.scalars(select(UserRow))}
-    rows = list(session.scalars(select(ProtectionRow).order_by(ProtectionRow.user_id, ProtectionRow.seq)))
+    users = {u.id: u for u in session.scalars(select(UserRow)) if user is None or u.name == user}
+    query = select(ProtectionRow).order_by(ProtectionRow.user_id, ProtectionRow.seq)
+    if user is not None:
+        query = query.where(ProtectionRow.user_id.in_(list(users)))
+        anchor_map = {name: anchor for name, anchor in anchor_map.items() if name == user}
+    rows = list(session.scalars(query))
     problems: list[Problem] = []
     by_user: dict[int, list[ProtectionRow]] = defaultdict(list)
     for row in rows:
@@ -914,23 +921,52 @@ def verify_chain(session: Session, public_keys: Mapping[str, bytes] | Iterable[U
                                     "refers to a user that does not exist"))
     from_database = []
     heads: dict[str, ChainHead | None] = {}
-    for user_id, user in sorted(users.items(), key=lambda item: item[1].name):
-        key = trusted.get(user.name)
+    for user_id, owner in sorted(users.items(), key=lambda item: item[1].name):
+        key = trusted.get(owner.name)
         if key is None:
-            key = bytes(user.public_key)
-            from_database.append(user.name)
-        elif bytes(user.public_key) != key:
-            problems.append(Problem("key", user.name, None, None,
-                                    "the users table holds another public key than the trusted one "
-                                    "(the table was edited, or the user re-created)"))
-        chain_problems, head = _check_chain(user, by_user.get(user_id, []), key, anchor_map.get(user.name))
+            key = bytes(owner.public_key)
+            from_database.append(owner.name)
+        elif bytes(owner.public_key) != key:
+            table_signed = any(_signed_by(row, owner.name, bytes(owner.public_key)) for row in by_user.get(user_id, []))
+            source = (key_sources or {}).get(owner.name, "the trusted key's source")
+            problems.append(Problem("key", owner.name, None, None, (
+                f"the trusted public key (from {source}) is not the one the users table holds, and the records "
+                f"were signed with the table's: {source} was altered or replaced (or the whole log rewritten "
+                "under another key; unlocking the key file authenticates it)") if table_signed else (
+                f"the users table holds another public key than the trusted one (from {source}): the table "
+                "was edited, or the user re-created")))
+        chain_problems, head = _check_chain(owner, by_user.get(user_id, []), key, anchor_map.get(owner.name))
         problems += chain_problems
-        heads[user.name] = head
+        heads[owner.name] = head
     for name, anchor in anchor_map.items():
         if name not in heads:
             problems.append(Problem("removed", name, 1, None, f"the user's whole chain is gone (anchored at "
                                     f"#{anchor.seq}, {anchor.record_hash[:16]}…)", seq_end=anchor.seq))
     return VerifyReport(len(rows), heads, tuple(problems), tuple(from_database))
+
+
+def _signed_by(row: ProtectionRow, user: str, public_key: bytes) -> bool:
+    try:
+        body = record_body(row, user)
+        Ed25519PublicKey.from_public_bytes(public_key).verify(bytes(row.signature), signed_message(body, record_hash(body)))
+    except (InvalidSignature, TypeError, ValueError):
+        return False
+    return True
+
+
+def logged_public_key(session: Session, user: str) -> bytes | None:
+    """The signing public key the users table holds for `user` (None if the log has no such user)."""
+    row = session.scalar(select(UserRow).where(UserRow.name == user))
+    return None if row is None else bytes(row.public_key)
+
+
+def record_faults(session: Session, user: str, public_key: bytes) -> dict[str, str]:
+    """What is wrong with each of `user`'s records that must not be used (record id -> the
+    problem): altered or inserted, judged against `public_key`, which the caller trusts. A record
+    in a fork is authentic (signed by the user's key), and usable."""
+    report = verify_chain(session, {user: public_key}, user=user)
+    return {problem.record_id: str(problem) for problem in report.problems
+            if problem.record_id is not None and problem.kind in ("altered", "inserted")}
 
 
 def _check_chain(user: UserRow, rows: list[ProtectionRow], public_key: bytes,

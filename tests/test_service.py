@@ -323,13 +323,14 @@ def test_recover_by_exact_hash_and_from_a_recompressed_copy(home, photos, tmp_pa
     assert "is the original of record" in original.error
 
 
-def test_an_image_without_record_needs_a_user(home, tmp_path):
+def test_an_image_without_record_needs_a_user_and_force(home, tmp_path):
     stranger = tmp_path / "stranger.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(stranger)
-    [result] = service.recover_paths(home, [stranger], passphrase=PW)
-    assert "no record of this image" in result.error and "--user" in result.error
-    assert not (tmp_path / "stranger.recovered.png").exists()
-    [result] = service.recover_paths(home, [stranger], passphrase=PW, user="alice")
+    for user in (None, "alice"):
+        [result] = service.recover_paths(home, [stranger], passphrase=PW, user=user)
+        assert "no record of this image" in result.error and "--user NAME --force" in result.error
+        assert not (tmp_path / "stranger.recovered.png").exists()
+    [result] = service.recover_paths(home, [stranger], passphrase=PW, user="alice", force=True)
     assert result.ok and result.matched_by == "user" and "active key" in result.note
     with Image.open(result.output) as image:
         assert image.size == (80, 64)
@@ -390,6 +391,89 @@ def test_a_tampered_record_is_named_by_verify_and_check(tmp_path, photos):
     checked = service.check_image(home, first.output)
     assert checked.protected and checked.authentic is False
     assert service.check_image(home, second.output).authentic is True
+
+
+def _tamper(home: Path, record_id: str, how: str) -> None:
+    with sqlite3.connect(prov.database_path(home)) as db:
+        if how == "params":
+            # the colour photo's record made to say grayscale: a "recovery" in grey
+            (text,) = db.execute("SELECT params FROM protections WHERE id = ?", (record_id,)).fetchone()
+            assert '"RGB"' in text
+            db.execute("UPDATE protections SET params = ? WHERE id = ?", (text.replace('"RGB"', '"L"'), record_id))
+        elif how == "psnr":
+            db.execute("UPDATE protections SET psnr = 99.0 WHERE id = ?", (record_id,))
+        elif how == "key id":
+            db.execute("UPDATE protections SET rgan_key_id = 'ffffffffffffffff' WHERE id = ?", (record_id,))
+        else:
+            db.execute("DELETE FROM protections WHERE id = ?", (record_id,))
+
+
+@pytest.mark.parametrize("how", ["params", "psnr", "key id", "deleted"])
+def test_a_tampered_record_is_refused_by_recover_check_and_log(tmp_path, photos, how):
+    """Issue 18: recovery, check and the log each verify the record they use."""
+    home = make_home(tmp_path)
+    first, second = service.protect_paths(home, None, PW, [photos / "a.png", photos / "c.jpg"])
+    _tamper(home, first.record_id, how)
+    out = tmp_path / "out"
+    [refused, fine] = service.recover_paths(home, [first.output, second.output], out, PW)
+    assert fine.ok and not refused.ok and sorted(p.name for p in out.iterdir()) == ["c.recovered.png"]
+    listing = service.log_records(home)
+    checked = service.check_image(home, first.output)
+    if how == "deleted":
+        assert "no record of this image" in refused.error and not checked.protected
+        assert [p.kind for p in listing.problems] == ["removed"] and listing.unverified == {}
+    else:
+        assert f"record {first.record_id}" in refused.error and "does not verify" in refused.error
+        assert checked.authentic is False and first.record_id in checked.problem and checked.self_check_asr is None
+        assert list(listing.unverified) == [first.record_id]
+        assert [r["verifies"] for r in listing.to_dict()["records"]] == [False, True]
+    assert service.check_image(home, second.output).authentic is True
+
+
+def test_a_rerun_removes_the_temporary_files_a_killed_run_left(tmp_path, photos):
+    home = make_home(tmp_path)
+    left = photos / ".a.protected.png.0123456789ab.tmp"  # killed between writing and renaming
+    left.write_bytes(b"")
+    [result] = service.protect_paths(home, None, PW, [photos / "a.png"])
+    assert result.ok and not left.exists() and result.output.exists()
+    stale = photos / ".a.recovered.png.0123456789ab.tmp"  # recovery holds no lock: only old ones
+    stale.write_bytes(b"")
+    fresh = photos / ".a.recovered.png.ba9876543210.tmp"
+    fresh.write_bytes(b"")
+    os.utime(stale, (1, 1))
+    [recovered] = service.recover_paths(home, [result.output], passphrase=PW)
+    assert recovered.ok and not stale.exists() and fresh.exists()
+
+
+def test_an_altered_public_key_in_a_key_file_is_named(tmp_path, photos):
+    """Issue 18: `keys show` complains, and `log verify` blames the key file, not the users table."""
+    import base64
+    import json
+
+    home = make_home(tmp_path)
+    service.protect_paths(home, None, PW, [photos / "a.png"])
+    assert service.show_keys(home)["warning"] is None
+    path = home / "keys" / "alice.key"
+    doc = json.loads(path.read_text())
+    doc["public"]["signing_key"] = base64.b64encode(bytes(32)).decode()
+    path.write_text(json.dumps(doc, indent=2))
+    shown = service.show_keys(home)
+    assert str(path) in shown["warning"] and "not the one the log holds" in shown["warning"]
+    [problem] = service.verify_log(home).of_kind("key")
+    assert f"the key file {path} was altered or replaced" in problem.detail
+
+
+def test_recovering_another_users_photo_as_yourself_is_refused(tmp_path, photos):
+    home = make_home(tmp_path)
+    service.add_user(home, "bob", PW, kdf_n=KDF)
+    [mine] = service.protect_paths(home, "alice", PW, [photos / "a.png"])
+    [result] = service.recover_paths(home, [mine.output], tmp_path / "out", PW, user="bob")
+    assert not result.ok and "user 'alice' protected this image, not 'bob'" in result.error
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    [result] = service.recover_paths(home, [mine.output], tmp_path / "out", PW, user="bob", force=True)
+    assert not result.ok  # --force is for photos with no record, never for another user's
+    [result] = service.recover_paths(home, [mine.output], tmp_path / "out", PW, user="alice")
+    assert result.ok and result.user == "alice"
 
 
 def test_check_image_says_who_protected_it_and_when(tmp_path, photos):
