@@ -244,7 +244,8 @@ def protect(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOpti
                 break
     protected = coupled.pixels
     result = protected if alpha is None else np.concatenate([protected, alpha], axis=2)
-    recovery = RecoveryData.keep(refinement.field, coupled.clipped_at, coupled.clipped_values)
+    recovery = RecoveryData.keep(refinement.field, coupled.clipped_at, coupled.clipped_values,
+                                 RecoveryData.luma_step_for(refinement.budget.epsilon))
     return result, ProtectInfo((width, height), (work_w, work_h), mode, BIT_DEPTHS[pixels.dtype],
                                strength=options.strength, scheme="refine", attempt=attempt,
                                budget=(budget.epsilon, budget.steps, budget.pattern), method=METHOD,

@@ -5,20 +5,21 @@ the original values of the few pixels that clipped at black or white (so that re
 file is exact even then).
 
 The field is kept as a platform's JPEG keeps a photo, since that is all a copy still holds of it:
-its brightness at full resolution, in steps of `LUMA_STEP` grey levels, and its colour (the two
-chroma planes) as means over 4×4 blocks, in steps of `CHROMA_STEP`. That is a third of the bytes
+its brightness at full resolution, in steps of a few grey levels (`luma_step`: 3, or about 40% of
+the field's bound for the stronger ones), and its colour (the two chroma planes) as means over 4×4
+blocks, in steps of `CHROMA_STEP`. That is a third of the bytes
 of the field itself, for at most 0.4 dB less on a JPEG-90 4:2:0 copy (bench/quality.py). Exact
 recovery never reads the field: it recomputes it from the protected file.
 
 The bytes are versioned. Version 2, written today:
-    b"RCV2" | height (u16) | width (u16) | clipped count (u32) |
+    b"RCV2" | height (u16) | width (u16) | clipped count (u32) | luma step (u8) |
     lzma(luma codes: int8, (height, width)) |
     lzma(chroma codes: int8, (2, ceil(height / 4), ceil(width / 4)), Cb then Cr) |
     lzma(clipped indices: u32 into the (H, W, C) array, ascending, each but the first as the
          difference from the one before; then their values: u16)
 with each lzma stream length-prefixed (u32). All integers are little-endian. Luma and chroma are
 BT.601 full-range (JPEG's): Y = 0.299 R + 0.587 G + 0.114 B, Cb = (B − Y) / 1.772,
-Cr = (R − Y) / 1.402. The field is Y = 3 × code, Cb and Cr = 2 × code upsampled bilinearly (half-
+Cr = (R − Y) / 1.402. The field is Y = luma step × code, Cb and Cr = 2 × code upsampled bilinearly (half-
 pixel centres, as torch's align_corners=False) to (height, width), then back to RGB. A block at the
 bottom or right edge averages the pixels it has.
 
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 MAGIC, FIRST_MAGIC = b"RCV2", b"RCV1"
 LUMA_STEP, CHROMA_STEP, CHROMA_BLOCK = 3, 2, 4
 _HEADER = struct.Struct("<4sHHI")
+_LUMA_STEP = struct.Struct("<B")
 _LENGTH = struct.Struct("<I")
 _TO_YCC = np.array([[0.299, 0.587, 0.114],
                     [-0.299 / 1.772, -0.587 / 1.772, 0.886 / 1.772],
@@ -51,6 +53,11 @@ _TO_RGB = np.linalg.inv(_TO_YCC)
 
 def _blocks(height: int, width: int) -> tuple[int, int]:
     return -(-height // CHROMA_BLOCK), -(-width // CHROMA_BLOCK)
+
+
+def _check_step(step: int) -> None:
+    if not isinstance(step, int) or not 1 <= step <= 255:
+        raise ValueError(f"the luma step must be an integer in 1..255, got {step!r}")
 
 
 def _codes(values: np.ndarray, step: int) -> np.ndarray:
@@ -65,6 +72,7 @@ class RecoveryData:
     chroma: np.ndarray
     clipped_at: np.ndarray
     clipped_values: np.ndarray
+    luma_step: int = LUMA_STEP
 
     def __post_init__(self) -> None:
         if not isinstance(self.luma, np.ndarray) or self.luma.dtype != np.int8 or self.luma.ndim != 2:
@@ -74,12 +82,21 @@ class RecoveryData:
             raise ValueError(f"the chroma codes must be (2, {', '.join(map(str, _blocks(*self.luma.shape)))}) int8")
         if len(self.clipped_at) != len(self.clipped_values):
             raise ValueError("every clipped pixel needs its value")
+        _check_step(self.luma_step)
+
+    @staticmethod
+    def luma_step_for(epsilon: float) -> int:
+        """The luma step for a field bounded by `epsilon` grey levels: its error stays far below a
+        copy's own, and a stronger field's record stays as small as a medium one's."""
+        return max(LUMA_STEP, round(0.4 * epsilon))
 
     @classmethod
-    def keep(cls, field: np.ndarray, clipped_at: np.ndarray, clipped_values: np.ndarray) -> RecoveryData:
+    def keep(cls, field: np.ndarray, clipped_at: np.ndarray, clipped_values: np.ndarray,
+             luma_step: int = LUMA_STEP) -> RecoveryData:
         """What the record keeps of `field` ((3, h, w), 8-bit grey levels) and the clipped pixels."""
         if not isinstance(field, np.ndarray) or field.ndim != 3 or field.shape[0] != 3:
             raise ValueError("the field must be (3, h, w)")
+        _check_step(luma_step)
         height, width = field.shape[1:]
         ycc = np.einsum("ij,jhw->ihw", _TO_YCC, field.astype(np.float64))
         rows, cols = _blocks(height, width)
@@ -90,15 +107,15 @@ class RecoveryData:
         count[:height, :width] = 1
         shape = (rows, CHROMA_BLOCK, cols, CHROMA_BLOCK)
         means = padded.reshape(2, *shape).sum((2, 4)) / count.reshape(shape).sum((1, 3))
-        return cls(_codes(ycc[0], LUMA_STEP), _codes(means, CHROMA_STEP),
-                   np.asarray(clipped_at, dtype=np.int64), np.asarray(clipped_values, dtype=np.uint16))
+        return cls(_codes(ycc[0], luma_step), _codes(means, CHROMA_STEP),
+                   np.asarray(clipped_at, dtype=np.int64), np.asarray(clipped_values, dtype=np.uint16), luma_step)
 
     def field(self) -> np.ndarray:
         """The kept field, (3, h, w) float32 in 8-bit grey levels."""
         height, width = self.luma.shape
         chroma = torch.from_numpy(self.chroma.astype(np.float32) * CHROMA_STEP)[None]
         chroma = F.interpolate(chroma, size=(height, width), mode="bilinear", align_corners=False)[0].numpy()
-        ycc = np.concatenate([self.luma[None].astype(np.float32) * LUMA_STEP, chroma])
+        ycc = np.concatenate([self.luma[None].astype(np.float32) * self.luma_step, chroma])
         return np.einsum("ij,jhw->ihw", _TO_RGB.astype(np.float32), ycc).astype(np.float32)
 
     def to_bytes(self) -> bytes:
@@ -109,7 +126,8 @@ class RecoveryData:
         clipped = np.diff(at, prepend=0).astype("<u4").tobytes() + np.asarray(self.clipped_values, dtype="<u2")[order].tobytes()
         parts = [lzma.compress(np.ascontiguousarray(codes).tobytes(), preset=9 | lzma.PRESET_EXTREME)
                  for codes in (self.luma, self.chroma)] + [lzma.compress(clipped)]
-        return _HEADER.pack(MAGIC, height, width, len(self.clipped_at)) + b"".join(_LENGTH.pack(len(p)) + p for p in parts)
+        return (_HEADER.pack(MAGIC, height, width, len(self.clipped_at)) + _LUMA_STEP.pack(self.luma_step)
+                + b"".join(_LENGTH.pack(len(p)) + p for p in parts))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RecoveryData:
@@ -119,7 +137,10 @@ class RecoveryData:
             magic, height, width, count = _HEADER.unpack_from(data)
             if magic not in (MAGIC, FIRST_MAGIC):
                 raise ValueError(f"unknown recovery data version {magic!r}")
-            offset, parts = _HEADER.size, []
+            offset, parts, luma_step = _HEADER.size, [], LUMA_STEP
+            if magic == MAGIC:
+                (luma_step,) = _LUMA_STEP.unpack_from(data, offset)
+                offset += _LUMA_STEP.size
             for _ in range(3 if magic == MAGIC else 2):
                 (length,) = _LENGTH.unpack_from(data, offset)
                 parts.append(lzma.decompress(data[offset + _LENGTH.size:offset + _LENGTH.size + length]))
@@ -137,4 +158,4 @@ class RecoveryData:
             return cls.keep(field, clipped_at, clipped_values)
         luma = np.frombuffer(parts[0], dtype=np.int8).reshape(height, width).copy()
         chroma = np.frombuffer(parts[1], dtype=np.int8).reshape(2, rows, cols).copy()
-        return cls(luma, chroma, np.cumsum(clipped_at), clipped_values)
+        return cls(luma, chroma, np.cumsum(clipped_at), clipped_values, luma_step)

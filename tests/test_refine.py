@@ -131,9 +131,10 @@ def test_bands_are_invisible(monkeypatch):
 
 def test_recovery_data_round_trips_and_refuses_damage():
     field = np.arange(-30, 30, dtype=np.int8).reshape(3, 4, 5) // 3
-    data = RecoveryData.keep(field, np.array([9, 3, 70000]), np.array([255, 0, 7], np.uint16))
+    data = RecoveryData.keep(field, np.array([9, 3, 70000]), np.array([255, 0, 7], np.uint16), luma_step=4)
     again = RecoveryData.from_bytes(data.to_bytes())
-    assert data.to_bytes()[:4] == b"RCV2" and again.chroma.shape == (2, 1, 2)
+    assert data.to_bytes()[:4] == b"RCV2" and again.chroma.shape == (2, 1, 2) and again.luma_step == 4
+    assert RecoveryData.luma_step_for(5.5) == 3 and RecoveryData.luma_step_for(10) == 4
     assert np.array_equal(again.luma, data.luma) and np.array_equal(again.chroma, data.chroma)
     assert list(again.clipped_at) == [3, 9, 70000] and list(again.clipped_values) == [0, 255, 7]
     for bad in (b"", b"XXXX" + data.to_bytes()[4:], data.to_bytes()[:-3], data.to_bytes() + b"\0"):
@@ -141,6 +142,8 @@ def test_recovery_data_round_trips_and_refuses_damage():
             RecoveryData.from_bytes(bad)
     with pytest.raises(ValueError, match="chroma"):
         RecoveryData(data.luma, data.chroma[:, :, :1], data.clipped_at, data.clipped_values)
+    with pytest.raises(ValueError, match="luma step"):
+        RecoveryData.keep(field, [], [], luma_step=0)
 
 
 def test_the_kept_field_is_its_brightness_and_coarse_colour():
