@@ -85,6 +85,10 @@ class ServerOptions:
     rate: float = 4.0
     burst: int = 16
     shutdown_timeout: float = 60.0
+    # a connection whose request headers are not complete this long after it opened (or after its
+    # last answer) is closed; a body not complete this long after its headers gets 408
+    header_timeout: float = 15.0
+    body_timeout: float = 60.0
     hosts: tuple[str, ...] = ()  # host names accepted besides the loopback's own
     device: str = "cpu"
     micro_batch: int = 1
@@ -102,6 +106,9 @@ class ServerOptions:
             raise ValueError(f"micro_batch_wait must not be negative, got {self.micro_batch_wait}")
         if not self.rate > 0:
             raise ValueError(f"rate must be positive, got {self.rate}")
+        for name in ("header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 class ApiError(Exception):
@@ -153,8 +160,13 @@ async def _outermost(request: web.Request, handler) -> web.StreamResponse:
     """Request id, errors as JSON, CORS headers where an inner layer allowed them, the log line."""
     request_id = secrets.token_hex(8)
     started = time.perf_counter()
+    aborted = False
     try:
         response = await handler(request)
+    except ConnectionResetError:
+        # the client hung up before its body arrived (aiohttp: "Connection lost"): its abort, not the
+        # agent's failure; the answer goes nowhere (499, as proxies log it)
+        aborted, response = True, web.Response(status=499)
     except ApiError as error:
         response = _error(error.status, error.code, error.message, error.headers)
     except web.HTTPException as error:
@@ -167,15 +179,17 @@ async def _outermost(request: web.Request, handler) -> web.StreamResponse:
         log.exception("request %s failed", request_id)
         response = _error(500, "internal", f"the agent failed on this request (request id {request_id}); "
                                            "its log says why")
+    if response.status == 408:
+        response.force_close()  # a client too slow to send its body is not kept alive
     response.headers["X-Request-Id"] = request_id
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"
     if request.get(CORS):
         response.headers.update(_cors_headers(request[CORS]))
     token = request.get(TOKEN)
-    log.info(json.dumps({"request_id": request_id, "method": request.method, "path": request.path,
-                         "status": response.status, "ms": round((time.perf_counter() - started) * 1000, 1),
-                         "token": token.id if token is not None else None}))
+    line = {"request_id": request_id, "method": request.method, "path": request.path, "status": response.status,
+            "ms": round((time.perf_counter() - started) * 1000, 1), "token": token.id if token is not None else None}
+    log.info(json.dumps({**line, "client_aborted": True} if aborted else line))
     return response
 
 
@@ -372,14 +386,18 @@ class _State:
         limit = self.options.max_body
         if request.content_length is not None and request.content_length > limit:
             raise ApiError(413, "body_too_large", f"the body is larger than the {limit:,} bytes accepted")
-        if request.content_type == "multipart/form-data":
-            data, name = await _multipart_image(request, limit)
-        elif request.content_type.startswith("image/") or request.content_type == "application/octet-stream":
-            data, name = await request.read(), None
-        else:
+        multipart = request.content_type == "multipart/form-data"
+        if not (multipart or request.content_type.startswith("image/")
+                or request.content_type == "application/octet-stream"):
             raise ApiError(415, "unsupported_media_type", f"send the image itself (Content-Type image/...) or a "
                                                           f"multipart form with an `{IMAGE_FIELD}` field, not "
                                                           f"{request.content_type}")
+        timeout = self.options.body_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                data, name = await _multipart_image(request, limit) if multipart else (await request.read(), None)
+        except TimeoutError:
+            raise ApiError(408, "timeout", f"the body did not arrive within {timeout:g} s") from None
         if not data:
             raise ApiError(400, "bad_image", "the body is empty: send the image")
         return data, name
@@ -588,14 +606,25 @@ def _check_loopback_name(name: str) -> None:
                                    "loopback; only loopback names may be accepted")
 
 
+def runner_settings(options: ServerOptions) -> dict[str, Any]:
+    """How `agent serve` runs the app (aiohttp's `AppRunner` arguments). access_log=None: aiohttp's
+    access log would write query strings (file names, sites). aiohttp has no timeout for request
+    headers, but closes a connection that has sent no complete request for `keepalive_timeout`
+    since it opened or since its last answer: that is the header timeout. After an answer to a
+    request whose body did not all arrive, aiohttp reads on for `lingering_time` so that the client
+    sees the answer rather than a reset; 2 s (not 10) is enough on the loopback, and cuts a slow
+    client off soon after its 408."""
+    return {"access_log": None, "handle_signals": False, "shutdown_timeout": options.shutdown_timeout,
+            "keepalive_timeout": options.header_timeout, "lingering_time": 2.0}
+
+
 async def _serve(app: web.Application, port: int, options: ServerOptions,
                  on_ready: Callable[[list[str]], None] | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    # access_log=None: aiohttp's access log would write query strings (file names, sites)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=options.shutdown_timeout)
+    runner = web.AppRunner(app, **runner_settings(options))
     await runner.setup()
     try:
         urls = []
@@ -623,4 +652,5 @@ async def _serve(app: web.Application, port: int, options: ServerOptions,
             loop.remove_signal_handler(signum)
 
 
-__all__ = ["DEFAULT_PORT", "PORT_ENV", "ServerOptions", "TokenBucket", "make_app", "resolve_port", "serve"]
+__all__ = ["DEFAULT_PORT", "PORT_ENV", "ServerOptions", "TokenBucket", "make_app", "resolve_port", "runner_settings",
+           "serve"]

@@ -234,7 +234,9 @@ def test_a_batch_does_the_good_files_and_exits_2_for_the_bad(env, tmp_path):
     Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(stranger)
     result = agent(env, "recover", stranger)
     assert result.exit_code == 2 and "no record of this image" in result.output and "--user" in result.output
-    result = agent(env, "recover", stranger, "--user", "default")
+    result = agent(env, "recover", stranger, "--user", "default")  # no record: a guess is never reported ok
+    assert result.exit_code == 2 and "--force" in result.output and not (tmp_path / "stranger.recovered.png").exists()
+    result = agent(env, "recover", stranger, "--user", "default", "--force")
     assert result.exit_code == 0 and (tmp_path / "stranger.recovered.png").is_file()
 
 

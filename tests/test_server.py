@@ -3,6 +3,7 @@ refusal (Host, Origin, token, size, pixels, bad image, bad options, rate, queue)
 graceful shutdown; then a real `agent serve` process over HTTP, stopped with SIGTERM."""
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -31,7 +32,7 @@ from agent import keys as keystore
 from agent import pairing, service
 from agent import provenance as prov
 from agent.pairing import FailureGuard
-from agent.server import STATE, ServerOptions, TokenBucket, make_app, resolve_port
+from agent.server import STATE, ServerOptions, TokenBucket, make_app, resolve_port, runner_settings
 
 PW = "correct horse"
 KDF = 2**14  # the store's minimum: fast unlocks in tests
@@ -585,6 +586,63 @@ async def test_records_are_the_users_own_newest_first_paged_and_decrypted(serve,
     assert len(body["records"]) == 3 and body["next_cursor"] is None
     for query in ("limit=0", "limit=101", "limit=x", "cursor=-1", "cursor=abc", "offset=2"):
         await problem(await client.get(f"/v1/records?{query}", headers=auth(token)), 400, "bad_option")
+
+
+# ---------------------------------------------------------------- slow and vanishing clients
+
+@contextlib.asynccontextmanager
+async def production(home, keys, options: ServerOptions):
+    """The app as `agent serve` runs it (aiohttp's test server cancels a handler whose client hangs
+    up; `agent serve` does not), on a free loopback port."""
+    runner = web.AppRunner(make_app(home, keys, options), **runner_settings(options))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+async def raw(port: int, text: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(text)
+    await writer.drain()
+    return reader, writer
+
+
+def upload_head(port: int, token: str, length: int) -> bytes:
+    headers = {"Host": f"127.0.0.1:{port}", "Content-Type": "image/png", "Content-Length": str(length), **auth(token)}
+    return ("POST /v1/protect HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+
+
+@aio
+async def test_a_client_that_hangs_up_mid_upload_is_logged_as_an_abort_not_a_500(home, keys, factory, caplog):
+    caplog.set_level(logging.INFO)
+    async with production(home, keys, ServerOptions()) as port:
+        _, writer = await raw(port, upload_head(port, token_for(factory), 100_000) + photo()[:100])
+        writer.close()
+        for _ in range(100):
+            lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "agent.server"]
+            if lines:
+                break
+            await asyncio.sleep(0.02)
+    assert [(line["path"], line["status"], line.get("client_aborted")) for line in lines] == [("/v1/protect", 499, True)]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@aio
+async def test_slow_clients_are_cut_off(home, keys, factory):
+    async with production(home, keys, ServerOptions(header_timeout=0.5, body_timeout=0.5)) as port:
+        # a body that stops arriving: 408
+        reader, writer = await raw(port, upload_head(port, token_for(factory), 100_000) + photo()[:100])
+        answer = await asyncio.wait_for(reader.read(), 5)  # and the connection closes
+        assert answer.startswith(b"HTTP/1.1 408") and b'"timeout"' in answer
+        writer.close()
+        # headers that never end: the connection is closed
+        reader, writer = await raw(port, f"POST /v1/protect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode())
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
 
 
 # ---------------------------------------------------------------- logs and shutdown
