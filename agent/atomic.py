@@ -38,21 +38,28 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def remove_stale(target: Path, older_than: float = 0.0) -> list[Path]:
-    """Removes the temporary files `atomic_path` left beside `target` (a process killed before its
-    rename) that nothing has touched for `older_than` seconds; returns them. With 0, the caller
-    must know that no other process is writing `target` (it holds a lock for it)."""
+def stale_temporaries(target: Path, older_than: float = 0.0) -> list[Path]:
+    """The temporary files `atomic_path` left beside `target` (a process killed before its rename)
+    that nothing has touched for `older_than` seconds. With 0, the caller must know that no other
+    process is writing `target` (it holds a lock for it)."""
     target = Path(target)
     prefix = f".{target.name}."
-    removed = []
-    for path in target.parent.glob(glob.escape(prefix) + "*.tmp"):
+    found = []
+    for path in sorted(target.parent.glob(glob.escape(prefix) + "*.tmp")):
         token = path.name[len(prefix):-len(".tmp")]
         try:
             if _TOKEN.fullmatch(token) and time.time() - path.stat().st_mtime >= older_than:
-                path.unlink()
-                removed.append(path)
+                found.append(path)
         except FileNotFoundError:  # its writer finished or cleaned up meanwhile
             continue
+    return found
+
+
+def remove_stale(target: Path, older_than: float = 0.0) -> list[Path]:
+    """Removes `stale_temporaries(target, older_than)`; returns them."""
+    removed = stale_temporaries(target, older_than)
+    for path in removed:
+        path.unlink(missing_ok=True)
     return removed
 
 

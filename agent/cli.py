@@ -671,8 +671,13 @@ def protect(
             table.add_column(column, overflow="fold")
         for r in results:
             if r.ok:
-                table.add_row(str(r.source), str(r.output), _size(r.working_size), f"{r.psnr:.1f}", r.record_id[:12])
+                table.add_row(str(r.source), str(r.output), _size(r.working_size),
+                              "" if r.psnr is None else f"{r.psnr:.1f}", r.record_id[:12])
         console.print(table)
+        skipped = [r for r in results if r.ok and r.skipped]
+        if skipped:
+            console.print(f"{len(skipped)} skipped: an earlier run had protected them (their records are in the log)",
+                          soft_wrap=True)
     if _print_errors(results):
         raise typer.Exit(2)
 

@@ -272,7 +272,7 @@ def _working(image: np.ndarray, key: bytes, options: ProtectOptions):
     pixels, mode = _check_image(image)
     check_key(key)
     height, width = pixels.shape[:2]
-    work_w, work_h = _working_size(width, height, options.max_side)
+    work_w, work_h = working_size(width, height, options.max_side)
     if (work_w, work_h) != (width, height):
         pixels = _resize(pixels, work_w, work_h)
     return pixels, mode, (width, height), (work_w, work_h)
@@ -455,7 +455,7 @@ def working_copy(image: np.ndarray, options: ProtectOptions = ProtectOptions()) 
     """The photo at the working resolution `protect` would use: what recovery gives back."""
     pixels, _ = _check_image(image)
     height, width = pixels.shape[:2]
-    size = _working_size(width, height, options.max_side)
+    size = working_size(width, height, options.max_side)
     return pixels if size == (width, height) else _resize(pixels, *size)
 
 
@@ -481,7 +481,7 @@ def _check_image(image: np.ndarray) -> tuple[np.ndarray, str]:
     return image, MODES[image.shape[2]]
 
 
-def _working_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+def working_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
     long_side = max(width, height)
     if max_side is None or long_side <= max_side:
         return width, height

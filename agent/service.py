@@ -29,6 +29,7 @@ import hashlib
 import io
 import math
 import os
+import signal
 import struct
 import time
 import warnings
@@ -46,7 +47,7 @@ from . import keys as keystore
 from . import pipeline
 from . import models, selfcheck
 from . import provenance as prov
-from .atomic import atomic_path, remove_stale
+from .atomic import atomic_path, remove_stale, stale_temporaries
 from .jpeg import Quantization
 from .keys import KeyStoreError, UserKeys
 from .pipeline import DEFAULT_MODEL_PATH, ProtectInfo, ProtectOptions
@@ -70,6 +71,8 @@ LOCK_WAIT = 1.0
 DB_TIMEOUT = 10.0
 # a temporary output file untouched this long was left by a killed run (a write takes seconds)
 STALE_AFTER = 300.0
+# tests kill the agent at a named point of a protection with this set (`_crash_point`)
+CRASH_ENV = "AGENT_TEST_CRASH_AT"
 DEFAULT_MODEL_NAME = DEFAULT_MODEL_PATH.name
 
 # Pillow's format name -> the suffixes it is written with (the first is used when the input's
@@ -421,19 +424,34 @@ def _key(path: Path) -> str:
     return os.path.normcase(os.path.abspath(path))
 
 
-def _write_output(dst: Path, data: bytes, overwrite: bool, *, locked: bool = False) -> None:
-    """Atomically; without `overwrite`, refuses a file that appeared meanwhile. The temporary
-    files a killed run left for the same output go first: all of them when the caller holds the
-    home's lock (`locked`: no other agent writes it), else those untouched for `STALE_AFTER`."""
+def _crash_point(name: str) -> None:
+    """The kill -9 sweep of issue 18's tests kills the agent here when `CRASH_ENV` names this point."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _output(dst: Path, data: bytes, overwrite: bool) -> Iterator[None]:
+    """Writes `data` to a temporary file beside `dst`, runs the body (which commits what must be
+    committed first), then renames it to `dst`; without `overwrite`, refuses a file that appeared
+    meanwhile. A failure before the rename leaves nothing."""
     try:
-        remove_stale(dst, 0.0 if locked else STALE_AFTER)
         with atomic_path(dst) as tmp:
             tmp.write_bytes(data)
             if not overwrite and dst.exists():
                 raise ServiceError(f"{dst} already exists; pass --overwrite to replace it")
+            yield
     except OSError as error:
         hint = " (is the folder read-only?)" if isinstance(error, PermissionError) else ""
         raise ServiceError(f"cannot write {dst}: {error.strerror or error}{hint}") from None
+
+
+def _write_output(dst: Path, data: bytes, overwrite: bool) -> None:
+    """Atomically, as `_output`; the temporary files a killed run left for the same output and
+    nothing has touched for `STALE_AFTER` go first (no lock keeps other writers away here)."""
+    remove_stale(dst, STALE_AFTER)
+    with _output(dst, data, overwrite):
+        pass
 
 
 def _check_output(src: Path, dst: Path, overwrite: bool) -> None:
@@ -640,6 +658,8 @@ class ProtectResult:
     working_size: tuple[int, int] | None = None
     psnr: float | None = None
     exif_removed: tuple[str, ...] = ()
+    # an earlier run (perhaps interrupted) had already protected it into `output` with this record
+    skipped: bool = False
 
     @property
     def ok(self) -> bool:
@@ -669,6 +689,9 @@ def protect_paths(home: Path, user: str | None, passphrase: str, paths: Sequence
     WebP (lossless stays lossless, else quality 95), HEIC (quality 95, 4:4:4); the pixels the right
     way up at the working resolution (`options.max_side`); the EXIF cleaned by `clean_exif`; the
     ICC profile kept. An existing output is refused unless `overwrite`; an original never written.
+    An output that an earlier run of the same original made (its record says so) is skipped
+    (`skipped`), and what a run killed before its rename left is finished first: running a batch
+    again finishes it.
 
     Bad files do not stop the batch: each gets a `ProtectResult` with its error. Problems that
     concern the whole batch (wrong passphrase, unknown user, another agent process, a locked
@@ -708,24 +731,59 @@ def _protect_one(factory, keys: UserKeys, model_row, model, job: _Job, options: 
                  overwrite: bool) -> ProtectResult:
     src = job.source
     data = _read_bytes(src)
+    _crash_point("read")
     facts = _inspect(src, data)
     dst = job.output
     if dst.suffix.lower() not in FORMAT_SUFFIXES[facts.format]:  # the suffix lied about the content
         dst = dst.with_name(_output_name(src, facts.format, PROTECTED_TAG))
+    finished = _finished_before(factory, keys, data, dst, options)
+    if finished is not None:
+        return ProtectResult(src, dst, None, finished.id, facts.format, None, finished.original_size,
+                             finished.working_size, finished.psnr, skipped=True)
     _check_output(src, dst, overwrite)
     done = _protect_data(keys, model_row, model, data, facts, str(src), options)
-    written = False
-    try:
+    # the record is committed before the output appears, so that no output is ever without its
+    # record; a kill between the two leaves the output's temporary file, which the next run of the
+    # same output renames (`_finished_before`)
+    with _output(dst, done.data, overwrite):
+        _crash_point("temp")
         with factory.begin() as session:
             record = done.record(session, keys, model_row, source, src.name)
-            _write_output(dst, done.data, overwrite, locked=True)
-            written = True
-    except BaseException:
-        if written:  # the log refused the record at commit: an output without its record goes too
-            dst.unlink(missing_ok=True)
-        raise
+        _crash_point("commit")
+    _crash_point("rename")
     return ProtectResult(src, dst, None, record.id, facts.format, done.quality, done.info.original_size,
                          done.info.working_size, done.psnr, done.exif_removed)
+
+
+def _finished_before(factory, keys: UserKeys, original: bytes, dst: Path, options: ProtectOptions) -> prov.Record | None:
+    """The record of an earlier run that protected `original` into `dst` for this user as
+    `options` ask (the same working size and strength), or None.
+
+    The home's lock is held, so every temporary file of `dst` was left by a run that was killed:
+    one that a record of this original holds was committed and only its rename was lost, which is
+    done now; any other is removed. Then an existing `dst` with such a record is that run's output."""
+    original_sha256 = hashlib.sha256(original).hexdigest()
+
+    def asked(record: prov.Record) -> bool:
+        info = record.params.get("protect_info") or {}
+        return (record.user == keys.user and record.original_sha256 == original_sha256
+                and info.get("strength", pipeline.DEFAULT_STRENGTH) == options.strength
+                and pipeline.working_size(*record.original_size, options.max_side) == tuple(record.working_size))
+
+    def record_of(path: Path) -> prov.Record | None:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        with factory() as session:
+            return next((r for r in prov.find_by_sha256(session, digest) if asked(r)), None)
+
+    try:
+        for tmp in stale_temporaries(dst):
+            if not dst.exists() and record_of(tmp) is not None:
+                os.replace(tmp, dst)
+            else:
+                tmp.unlink(missing_ok=True)
+        return record_of(dst) if dst.is_file() else None
+    except OSError as error:
+        raise ServiceError(f"cannot finish what an interrupted run left at {dst}: {error.strerror or error}") from None
 
 
 @dataclass(frozen=True)

@@ -269,3 +269,36 @@ def test_the_installed_agent_in_real_processes(tmp_path):
         assert out.shape == working.shape
         assert service.image_psnr(out, working) >= target > protected[name]["psnr"]
     assert {p: sha(p) for p in before} == before
+
+
+@pytest.mark.parametrize("point", ["read", "temp", "commit", "rename"])
+def test_a_kill_at_any_step_of_a_protection_leaves_a_consistent_home_and_a_rerun_finishes(env, tmp_path, point):
+    """Issue 18's kill -9 sweep: `agent protect` killed (SIGKILL, from a hook in the code, not by
+    timing) after reading, after the temporary file, after the commit and after the rename."""
+    photos = tmp_path / "photos"
+    make_photos(photos)
+    home = Path(env["AGENT_HOME"])
+    service.init_user(home, "default", PW, kdf_n=2**14)
+    crashed = subprocess.run([sys.executable, "-c", "from agent.cli import app; app()", "protect", str(photos)],
+                             env={**os.environ, **env, service.CRASH_ENV: point}, capture_output=True, text=True,
+                             timeout=300, stdin=subprocess.DEVNULL, check=False)
+    assert crashed.returncode == -9, crashed.stdout + crashed.stderr
+
+    def consistent() -> set[str]:
+        with sqlite3.connect(prov.database_path(home)) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert service.verify_log(home).ok
+        recorded = {r.protected_sha256 for r in service.log_records(home).records}
+        outputs = sorted(p for p in photos.glob("*.protected.*") if not p.name.startswith("."))
+        assert all(sha(output) in recorded for output in outputs), "an output without its record"
+        return {output.name for output in outputs}
+
+    assert consistent() == ({"park.protected.png"} if point == "rename" else set())
+    result = agent(env, "protect", photos, "--json")
+    assert result.exit_code == 0, result.output
+    rerun = {Path(r["source"]).name: r for r in json.loads(result.stdout)}
+    assert consistent() == {"park.protected.png", "street.protected.jpg"}
+    assert not [p.name for p in photos.iterdir() if p.name.startswith(".")], "a temporary file was left"
+    # what the killed run had committed is finished, not protected twice
+    assert rerun["park.png"]["skipped"] is (point in ("commit", "rename"))
+    assert len(service.log_records(home).records) == 2
