@@ -64,8 +64,9 @@ MAX_NAME = 255
 MAX_SITE = 2048
 IMAGE_FIELD = "image"
 MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "HEIF": "image/heic"}
-EXPOSED_HEADERS = "X-Agent-Record, X-Request-Id, Retry-After"
-ALLOWED_HEADERS = "Authorization, Content-Type, X-File-Name, X-Site"
+EXPOSED_HEADERS = "X-Agent-Record, X-Request-Id, Retry-After, X-Retry-After-Ms, X-Agent-Ticket"
+ALLOWED_HEADERS = "Authorization, Content-Type, X-File-Name, X-Site, X-Agent-Ticket"
+TICKET_HEADER = "X-Agent-Ticket"
 
 log = logging.getLogger("agent.server")
 
@@ -120,7 +121,46 @@ class ApiError(Exception):
 
 
 def _retry_after(seconds: float) -> dict[str, str]:
-    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+    """Retry-After in whole seconds (HTTP's unit), and to the millisecond for clients that read
+    X-Retry-After-Ms (the extension): a protection takes a fraction of a second."""
+    return {"Retry-After": str(max(1, math.ceil(seconds))), "X-Retry-After-Ms": str(max(1, round(seconds * 1000)))}
+
+
+class WaitingLine:
+    """The clients the full queue turned away, first come first served. Each gets a ticket
+    (X-Agent-Ticket); sent back with its request, the ticket goes in before everyone who came
+    after it. A ticket not used by its expiry (the wait it was told, plus a grace) is dropped, so
+    a client that gave up holds nobody back."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._expiry: dict[str, float] = {}  # insertion order is arrival order
+
+    def __len__(self) -> int:
+        self._drop_expired()
+        return len(self._expiry)
+
+    def _drop_expired(self) -> None:
+        now = self.clock()
+        for ticket in [t for t, expiry in self._expiry.items() if expiry < now]:
+            del self._expiry[ticket]
+
+    def position(self, ticket: str | None) -> int | None:
+        """How many wait ahead of this ticket; None for no ticket, an unknown or an expired one."""
+        self._drop_expired()
+        if ticket not in self._expiry:
+            return None
+        return list(self._expiry).index(ticket)
+
+    def keep(self, ticket: str | None, expires_in: float) -> str:
+        """The ticket (a new one, last in line, if it had none), valid for `expires_in` seconds more."""
+        if ticket not in self._expiry:
+            ticket = secrets.token_hex(8)
+        self._expiry[ticket] = self.clock() + expires_in
+        return ticket
+
+    def leave(self, ticket: str | None) -> None:
+        self._expiry.pop(ticket, None)
 
 
 class TokenBucket:
@@ -254,7 +294,10 @@ class _State:
         self.guard = pairing.FailureGuard()
         self.bucket = TokenBucket(options.rate, options.burst)
         self.admitted = 0  # protections running or waiting; only the event loop's thread touches it
-        self.mean_seconds = 2.0  # running mean of a protection's duration, for Retry-After
+        # running mean of a protection's duration, for Retry-After: a guess until the first one ends
+        self.mean_seconds = 0.5
+        self.measured = False
+        self.line = WaitingLine()
         self.accelerator = Accelerator(options.device, options.micro_batch, options.micro_batch_wait)
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
@@ -359,9 +402,7 @@ class _State:
         file_name, site, options = _protect_request(request)
         data, part_name = await self._image_body(request)
         file_name = file_name or part_name
-        if self.admitted >= self.options.workers + self.options.queue:
-            raise ApiError(503, "busy", "the agent is protecting as many images as it can queue; try again shortly",
-                           _retry_after(self.mean_seconds * self.admitted / self.options.workers))
+        self._admit(request.headers.get(TICKET_HEADER))
         self.admitted += 1
         started = time.perf_counter()
         try:
@@ -375,11 +416,31 @@ class _State:
         except (service.AgentBusyError, DatabaseLockedError) as error:
             raise ApiError(503, "busy", str(error), _retry_after(service.LOCK_WAIT)) from None
         else:
-            self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * took if self.measured else took
+            self.measured = True
         finally:
             self.admitted -= 1
         return web.Response(body=done.data, content_type=MEDIA_TYPES[done.format],
                             headers={"X-Agent-Record": done.record_id})
+
+    def _admit(self, ticket: str | None) -> None:
+        """Lets a protection in if there is room for it and for everyone waiting ahead of it; else
+        503 with the wait until its turn and its ticket. Called on the event loop's thread only."""
+        workers, free = self.options.workers, self.options.workers + self.options.queue - self.admitted
+        position = self.line.position(ticket)
+        ahead = len(self.line) if position is None else position
+        if ahead < free:
+            self.line.leave(ticket)
+            return
+        # the slots free up at `workers` per mean protection time; its turn comes when the ones
+        # ahead of it and itself have found one. It is told half that: a client back early only
+        # hears a shorter wait, but one back late leaves the slot its turn kept idle
+        wait = 0.5 * self.mean_seconds * (ahead - free + 1) / workers
+        ticket = self.line.keep(ticket, wait + max(2.0, 2 * self.mean_seconds))
+        raise ApiError(503, "busy", "the agent is protecting as many images as it can queue; send the image again "
+                                    "after Retry-After (X-Retry-After-Ms) with X-Agent-Ticket, and it keeps its place",
+                       {**_retry_after(wait), TICKET_HEADER: ticket})
 
     async def _image_body(self, request: web.Request) -> tuple[bytes, str | None]:
         """The image: the whole body, or the `image` field of a multipart form (with its file name)."""
@@ -652,5 +713,5 @@ async def _serve(app: web.Application, port: int, options: ServerOptions,
             loop.remove_signal_handler(signum)
 
 
-__all__ = ["DEFAULT_PORT", "PORT_ENV", "ServerOptions", "TokenBucket", "make_app", "resolve_port", "runner_settings",
+__all__ = ["DEFAULT_PORT", "PORT_ENV", "ServerOptions", "TokenBucket", "WaitingLine", "make_app", "resolve_port", "runner_settings",
            "serve"]

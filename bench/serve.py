@@ -9,8 +9,9 @@ The app is the one `agent serve` runs (make_app with the default ServerOptions: 
 4), listening on a free 127.0.0.1 port, with the model loaded before the first request as
 `agent serve` does. The rate limit is lifted (it is per token and would measure pacing, not the
 service). Each client has its own token, and when the queue is full it does what the extension
-does: wait out the 503's Retry-After and send again; its latency is from the first send to the
-image, waits included, and the 503s are counted.
+does: wait out the 503's X-Retry-After-Ms and send again with its X-Agent-Ticket (its place in the
+agent's first-come-first-served line); its latency is from the first send to the image, waits
+included, and the 503s are counted.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ async def protect(session: aiohttp.ClientSession, url: str, body: bytes, token: 
             if response.status != 503:
                 raise RuntimeError(f"the agent answered {response.status}: {data[:200]!r}")
             busy += 1
-            await asyncio.sleep(int(response.headers["Retry-After"]))
+            headers = {**headers, "X-Agent-Ticket": response.headers["X-Agent-Ticket"]}
+            await asyncio.sleep(int(response.headers["X-Retry-After-Ms"]) / 1000)
 
 
 async def level(url: str, body: bytes, tokens: list[str], concurrency: int, requests: int) -> dict:
@@ -131,9 +133,9 @@ def report(results: dict) -> str:
          f"{results['photo_bytes'] // 1024} KiB) to `POST /v1/protect` on 127.0.0.1, on {results['machine']} "
          f"({results['torch_threads']} torch threads). The server runs as `agent serve` does: "
          f"{options['workers']} worker(s), a queue of {options['queue']}, micro-batches of up to "
-         f"{options.get('micro_batch', 1)}; beyond that it answers 503 busy with "
-         "Retry-After, which each client waits out before sending again, so latency includes those waits and "
-         "the 503s are counted."),
+         f"{options.get('micro_batch', 1)}; beyond that it answers 503 busy with the wait until the client's "
+         "turn (X-Retry-After-Ms) and a ticket that keeps its place in line, which each client waits out before "
+         "sending again with the ticket, so latency includes those waits and the 503s are counted."),
         "",
         "| clients | images/s | p50 latency (ms) | p95 latency (ms) | 503 busy (retried) |",
         "|---:|---:|---:|---:|---:|",
@@ -142,9 +144,9 @@ def report(results: dict) -> str:
         lines.append(f"| {row['concurrency']} | {row['images_per_s']:.2f} | {row['p50_ms']:.0f} | "
                      f"{row['p95_ms']:.0f} | {row['busy_503']} |")
     lines += ["", ("Throughput is bounded by the one worker (torch already spreads one protection over the "
-                   "cores): up to the queue's size, more clients add waiting, not images per second. Past it, "
-                   "a client turned away waits out Retry-After (a whole second at least) while the others "
-                   "keep the queue full, so the p95 latency jumps and the run's throughput falls."), ""]
+                   "cores): more clients add waiting, not images per second. Past the queue's size, a client "
+                   "turned away waits its turn, first come first served, so the p95 latency grows with the "
+                   "line, not with luck."), ""]
     return "\n".join(lines)
 
 

@@ -5,10 +5,15 @@ import {api, DEFAULTS, load, save, bump, originOf} from './settings.js';
 const UNREACHABLE = 'The rgan-agent is not running on this computer. Start it with `agent serve`.';
 const NOT_PAIRED = 'This browser is not paired with the rgan-agent. Open the extension options and enter the code from `agent pair`.';
 
+// how long an upload waits in the agent's line (503 busy) before it gives up
+const BUSY_PATIENCE_MS = 120000;
+
 class AgentError extends Error {
-  constructor(code, message) {
+  constructor(code, message, retry = null) {
     super(message);
     this.code = code;
+    // for 503 busy: how long to wait and the ticket that keeps this upload's place in the line
+    this.retry = retry;
   }
 }
 
@@ -30,7 +35,12 @@ async function call(path, {method = 'GET', body, headers = {}, auth = true} = {}
     // not the agent's JSON error: keep the status alone
   }
   if (response.status === 401) throw new AgentError('not_paired', problem.message || NOT_PAIRED);
-  throw new AgentError(problem.code || `http_${response.status}`, problem.message || `The agent answered ${response.status}.`);
+  let retry = null;
+  if (response.status === 503) {
+    const ms = Number(response.headers.get('X-Retry-After-Ms')) || 1000 * (Number(response.headers.get('Retry-After')) || 1);
+    retry = {ms, ticket: response.headers.get('X-Agent-Ticket')};
+  }
+  throw new AgentError(problem.code || `http_${response.status}`, problem.message || `The agent answered ${response.status}.`, retry);
 }
 
 function toBase64(bytes) {
@@ -46,9 +56,20 @@ async function protect({name, mime, data}, site) {
   const headers = {'Content-Type': mime || 'application/octet-stream'};
   if (name) headers['X-File-Name'] = encodeURIComponent(name);
   if (site) headers['X-Site'] = site;
-  const response = await call(`/v1/protect?${query}`, {
-    method: 'POST', headers, body: Uint8Array.from(atob(data), (c) => c.charCodeAt(0)),
-  });
+  const body = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+  const giveUp = Date.now() + BUSY_PATIENCE_MS;
+  let response;
+  for (;;) {
+    try {
+      response = await call(`/v1/protect?${query}`, {method: 'POST', headers, body});
+      break;
+    } catch (error) {
+      // the agent is busy: wait our turn, and keep our place in its line with the ticket
+      if (!error.retry || Date.now() + error.retry.ms > giveUp) throw error;
+      if (error.retry.ticket) headers['X-Agent-Ticket'] = error.retry.ticket;
+      await new Promise((resolve) => setTimeout(resolve, error.retry.ms));
+    }
+  }
   const bytes = new Uint8Array(await response.arrayBuffer());
   return {mime: response.headers.get('Content-Type') || mime, data: toBase64(bytes), record: response.headers.get('X-Agent-Record')};
 }

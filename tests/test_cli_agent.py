@@ -267,7 +267,8 @@ def test_the_installed_agent_in_real_processes(tmp_path):
         working = working_copy(read_image(photos / name))
         out = read_image(r["output"])
         assert out.shape == working.shape
-        assert service.image_psnr(out, working) >= target > protected[name]["psnr"]
+        # recovery reaches the target and undoes the protection (at least 1 dB above the protected file)
+        assert service.image_psnr(out, working) >= max(target, protected[name]["psnr"] + 1)
     assert {p: sha(p) for p in before} == before
 
 
