@@ -129,38 +129,45 @@ def _retry_after(seconds: float) -> dict[str, str]:
 class WaitingLine:
     """The clients the full queue turned away, first come first served. Each gets a ticket
     (X-Agent-Ticket); sent back with its request, the ticket goes in before everyone who came
-    after it. A ticket not used by its expiry (the wait it was told, plus a grace) is dropped, so
-    a client that gave up holds nobody back."""
+    after it. A request without one from a client (a token) that holds a ticket takes the
+    client's oldest: a client that does not send tickets back still keeps its place rather than
+    queueing behind its own earlier tries. A ticket not used by its expiry (the wait it was
+    told, plus a grace) is dropped, so a client that gave up holds nobody back."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
-        self._expiry: dict[str, float] = {}  # insertion order is arrival order
+        self._held: dict[str, tuple[float, str | None]] = {}  # ticket -> (expiry, client), in arrival order
 
     def __len__(self) -> int:
         self._drop_expired()
-        return len(self._expiry)
+        return len(self._held)
 
     def _drop_expired(self) -> None:
         now = self.clock()
-        for ticket in [t for t, expiry in self._expiry.items() if expiry < now]:
-            del self._expiry[ticket]
+        for ticket in [t for t, (expiry, _) in self._held.items() if expiry < now]:
+            del self._held[ticket]
 
-    def position(self, ticket: str | None) -> int | None:
-        """How many wait ahead of this ticket; None for no ticket, an unknown or an expired one."""
+    def find(self, ticket: str | None, client: str | None = None) -> str | None:
+        """The live ticket a request holds: its own, else its client's oldest, else None."""
         self._drop_expired()
-        if ticket not in self._expiry:
-            return None
-        return list(self._expiry).index(ticket)
+        if ticket in self._held:
+            return ticket
+        return next((t for t, (_, owner) in self._held.items() if client is not None and owner == client), None)
 
-    def keep(self, ticket: str | None, expires_in: float) -> str:
-        """The ticket (a new one, last in line, if it had none), valid for `expires_in` seconds more."""
-        if ticket not in self._expiry:
+    def position(self, ticket: str | None) -> int:
+        """How many wait ahead of a live ticket (`find`); everyone in line for None."""
+        tickets = list(self._held)
+        return tickets.index(ticket) if ticket in self._held else len(tickets)
+
+    def keep(self, ticket: str | None, client: str | None, expires_in: float) -> str:
+        """The live ticket (a new one, last in line, for None), valid `expires_in` seconds more."""
+        if ticket not in self._held:
             ticket = secrets.token_hex(8)
-        self._expiry[ticket] = self.clock() + expires_in
+        self._held[ticket] = (self.clock() + expires_in, client)
         return ticket
 
     def leave(self, ticket: str | None) -> None:
-        self._expiry.pop(ticket, None)
+        self._held.pop(ticket, None)
 
 
 class TokenBucket:
@@ -402,7 +409,8 @@ class _State:
         file_name, site, options = _protect_request(request)
         data, part_name = await self._image_body(request)
         file_name = file_name or part_name
-        self._admit(request.headers.get(TICKET_HEADER))
+        token = request.get(TOKEN)
+        self._admit(request.headers.get(TICKET_HEADER), token.id if token is not None else None)
         self.admitted += 1
         started = time.perf_counter()
         try:
@@ -424,12 +432,12 @@ class _State:
         return web.Response(body=done.data, content_type=MEDIA_TYPES[done.format],
                             headers={"X-Agent-Record": done.record_id})
 
-    def _admit(self, ticket: str | None) -> None:
+    def _admit(self, ticket: str | None, client: str | None) -> None:
         """Lets a protection in if there is room for it and for everyone waiting ahead of it; else
         503 with the wait until its turn and its ticket. Called on the event loop's thread only."""
         workers, free = self.options.workers, self.options.workers + self.options.queue - self.admitted
-        position = self.line.position(ticket)
-        ahead = len(self.line) if position is None else position
+        ticket = self.line.find(ticket, client)
+        ahead = self.line.position(ticket)
         if ahead < free:
             self.line.leave(ticket)
             return
@@ -437,7 +445,7 @@ class _State:
         # ahead of it and itself have found one. It is told half that: a client back early only
         # hears a shorter wait, but one back late leaves the slot its turn kept idle
         wait = 0.5 * self.mean_seconds * (ahead - free + 1) / workers
-        ticket = self.line.keep(ticket, wait + max(2.0, 2 * self.mean_seconds))
+        ticket = self.line.keep(ticket, client, wait + max(2.0, 2 * self.mean_seconds))
         raise ApiError(503, "busy", "the agent is protecting as many images as it can queue; send the image again "
                                     "after Retry-After (X-Retry-After-Ms) with X-Agent-Ticket, and it keeps its place",
                        {**_retry_after(wait), TICKET_HEADER: ticket})

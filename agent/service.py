@@ -8,6 +8,7 @@ Every function takes the agent's state directory `home` explicitly (the CLI pass
     keys/<user>.key         the key store (agent/keys.py, keys/README.md)
     provenance.sqlite3      the signed provenance log (agent/provenance.py)
     agent.lock              the lock a writing agent process holds (see `home_lock`)
+    pending/                protections committed but perhaps not yet in place (see `_settle`)
 
 Errors a person can act on are `ServiceError`, `keys.KeyStoreError` or
 `provenance.ProvenanceError` (all in `USER_ERRORS`), each with a one-line message that names the
@@ -27,8 +28,10 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import math
 import os
+import secrets
 import signal
 import struct
 import time
@@ -47,7 +50,7 @@ from . import keys as keystore
 from . import pipeline
 from . import models, selfcheck
 from . import provenance as prov
-from .atomic import atomic_path, remove_stale, stale_temporaries
+from .atomic import atomic_path, remove_stale, stale_temporaries, write_text
 from .jpeg import Quantization
 from .keys import KeyStoreError, UserKeys
 from .pipeline import DEFAULT_MODEL_PATH, ProtectInfo, ProtectOptions
@@ -73,6 +76,7 @@ DB_TIMEOUT = 10.0
 STALE_AFTER = 300.0
 # tests kill the agent at a named point of a protection with this set (`_crash_point`)
 CRASH_ENV = "AGENT_TEST_CRASH_AT"
+PENDING_DIR = "pending"
 DEFAULT_MODEL_NAME = DEFAULT_MODEL_PATH.name
 
 # Pillow's format name -> the suffixes it is written with (the first is used when the input's
@@ -709,6 +713,7 @@ def protect_paths(home: Path, user: str | None, passphrase: str, paths: Sequence
         on_progress(0, total, None)
     results: list[ProtectResult] = []
     with home_lock(home), _database(home, create=True) as factory:
+        _settle_pending(home, factory)
         with factory.begin() as session:
             model_row, model = models.active_model(session, home, keys)
         for job in jobs:
@@ -716,7 +721,7 @@ def protect_paths(home: Path, user: str | None, passphrase: str, paths: Sequence
                 result = ProtectResult(job.source, error=job.error)
             else:
                 try:
-                    result = _protect_one(factory, keys, model_row, model, job, options, source, overwrite)
+                    result = _protect_one(home, factory, keys, model_row, model, job, options, source, overwrite)
                 except DatabaseLockedError:
                     raise
                 except (ServiceError, KeyStoreError, ProvenanceError) as error:
@@ -727,7 +732,7 @@ def protect_paths(home: Path, user: str | None, passphrase: str, paths: Sequence
     return results
 
 
-def _protect_one(factory, keys: UserKeys, model_row, model, job: _Job, options: ProtectOptions, source: str,
+def _protect_one(home: Path, factory, keys: UserKeys, model_row, model, job: _Job, options: ProtectOptions, source: str,
                  overwrite: bool) -> ProtectResult:
     src = job.source
     data = _read_bytes(src)
@@ -745,7 +750,7 @@ def _protect_one(factory, keys: UserKeys, model_row, model, job: _Job, options: 
     # the record is committed before the output appears, so that no output is ever without its
     # record; a kill between the two leaves the output's temporary file, which the next run of the
     # same output renames (`_finished_before`)
-    with _output(dst, done.data, overwrite):
+    with _pending(home, dst), _output(dst, done.data, overwrite):
         _crash_point("temp")
         with factory.begin() as session:
             record = done.record(session, keys, model_row, source, src.name)
@@ -755,13 +760,58 @@ def _protect_one(factory, keys: UserKeys, model_row, model, job: _Job, options: 
                          done.info.working_size, done.psnr, done.exif_removed)
 
 
+def _records_of(factory, path: Path) -> list[prov.Record]:
+    with factory() as session:
+        return prov.find_by_sha256(session, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def _settle(factory, dst: Path) -> None:
+    """Finishes or rolls back what a killed protection left at `dst`. The home's lock is held, so
+    every temporary file of `dst` was left by a run that was killed: one whose bytes a record
+    holds was committed and only its rename was lost, which is done now; any other is removed."""
+    try:
+        for tmp in stale_temporaries(dst):
+            if not dst.exists() and _records_of(factory, tmp):
+                os.replace(tmp, dst)
+            else:
+                tmp.unlink(missing_ok=True)
+    except OSError as error:
+        raise ServiceError(f"cannot finish what an interrupted run left at {dst}: {error.strerror or error}") from None
+
+
+@contextlib.contextmanager
+def _pending(home: Path, dst: Path) -> Iterator[None]:
+    """Notes `dst` in the home's pending folder for as long as its protection is under way, so
+    that the next protection of any batch settles it (`_settle_pending`) if this one is killed."""
+    folder = Path(home) / PENDING_DIR
+    folder.mkdir(mode=0o700, exist_ok=True)
+    note = folder / f"{secrets.token_hex(8)}.json"
+    write_text(note, json.dumps({"output": str(Path(dst).absolute())}))
+    try:
+        yield
+    finally:
+        note.unlink(missing_ok=True)
+
+
+def _settle_pending(home: Path, factory) -> None:
+    """Settles every output a killed protection left pending (the home's lock is held)."""
+    folder = Path(home) / PENDING_DIR
+    for note in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            dst = Path(json.loads(note.read_text())["output"])
+        except (OSError, ValueError, KeyError, TypeError):
+            dst = None  # a note torn by the kill itself: nothing was written after it
+        if dst is not None:
+            _settle(factory, dst)
+        note.unlink(missing_ok=True)
+
+
 def _finished_before(factory, keys: UserKeys, original: bytes, dst: Path, options: ProtectOptions) -> prov.Record | None:
     """The record of an earlier run that protected `original` into `dst` for this user as
-    `options` ask (the same working size and strength), or None.
-
-    The home's lock is held, so every temporary file of `dst` was left by a run that was killed:
-    one that a record of this original holds was committed and only its rename was lost, which is
-    done now; any other is removed. Then an existing `dst` with such a record is that run's output."""
+    `options` ask (the same working size and strength), or None."""
+    _settle(factory, dst)
+    if not dst.is_file():
+        return None
     original_sha256 = hashlib.sha256(original).hexdigest()
 
     def asked(record: prov.Record) -> bool:
@@ -770,20 +820,7 @@ def _finished_before(factory, keys: UserKeys, original: bytes, dst: Path, option
                 and info.get("strength", pipeline.DEFAULT_STRENGTH) == options.strength
                 and pipeline.working_size(*record.original_size, options.max_side) == tuple(record.working_size))
 
-    def record_of(path: Path) -> prov.Record | None:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        with factory() as session:
-            return next((r for r in prov.find_by_sha256(session, digest) if asked(r)), None)
-
-    try:
-        for tmp in stale_temporaries(dst):
-            if not dst.exists() and record_of(tmp) is not None:
-                os.replace(tmp, dst)
-            else:
-                tmp.unlink(missing_ok=True)
-        return record_of(dst) if dst.is_file() else None
-    except OSError as error:
-        raise ServiceError(f"cannot finish what an interrupted run left at {dst}: {error.strerror or error}") from None
+    return next((record for record in _records_of(factory, dst) if asked(record)), None)
 
 
 @dataclass(frozen=True)

@@ -295,6 +295,13 @@ def test_a_kill_at_any_step_of_a_protection_leaves_a_consistent_home_and_a_rerun
         return {output.name for output in outputs}
 
     assert consistent() == ({"park.protected.png"} if point == "rename" else set())
+    # the next protection of any batch settles what the killed one left pending
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    crop(40, 40).save(elsewhere / "other.png")
+    assert agent(env, "protect", elsewhere).exit_code == 0
+    assert consistent() == ({"park.protected.png"} if point in ("commit", "rename") else set())
+    assert not list((home / "pending").iterdir())
     result = agent(env, "protect", photos, "--json")
     assert result.exit_code == 0, result.output
     rerun = {Path(r["source"]).name: r for r in json.loads(result.stdout)}
@@ -302,4 +309,4 @@ def test_a_kill_at_any_step_of_a_protection_leaves_a_consistent_home_and_a_rerun
     assert not [p.name for p in photos.iterdir() if p.name.startswith(".")], "a temporary file was left"
     # what the killed run had committed is finished, not protected twice
     assert rerun["park.png"]["skipped"] is (point in ("commit", "rename"))
-    assert len(service.log_records(home).records) == 2
+    assert len(service.log_records(home).records) == 3

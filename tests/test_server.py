@@ -554,12 +554,13 @@ async def test_a_full_queue_answers_503_with_retry_after_and_never_blocks_the_lo
 def test_the_waiting_line_is_first_come_first_served_and_forgets_who_gave_up():
     now = [0.0]
     line = WaitingLine(clock=lambda: now[0])
-    first = line.keep(None, 1.0)
-    second = line.keep(None, 5.0)
-    assert (line.position(first), line.position(second), line.position("stranger"), line.position(None)) == (0, 1, None, None)
-    assert line.keep(first, 1.0) == first and line.position(first) == 0  # coming back keeps the place
+    first = line.keep(None, "a", 1.0)
+    second = line.keep(None, "b", 5.0)
+    assert [line.position(line.find(t)) for t in (first, second, "stranger", None)] == [0, 1, 2, 2]
+    assert line.find(None, "b") == second  # a client that does not send its ticket back keeps its place
+    assert line.keep(first, "a", 1.0) == first and line.position(first) == 0  # coming back keeps the place
     now[0] = 2.0  # the first gave up
-    assert line.position(first) is None and line.position(second) == 0 and len(line) == 1
+    assert line.find(first) is None and line.position(second) == 0 and len(line) == 1
     line.leave(second)
     assert len(line) == 0
 
