@@ -180,16 +180,6 @@ def bands(height: int) -> Iterator[tuple[int, int]]:
         yield top, min(top + BAND, height)
 
 
-class _Pattern:
-    """The key's ±1 pattern, generated once and read by rows."""
-
-    def __init__(self, key: bytes, height: int, width: int, channels: int):
-        self.signs = key_pattern(key, height, width)[:channels]
-
-    def rows(self, top: int, bottom: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.signs[:, top:bottom].to(dtype)
-
-
 @dataclass(frozen=True)
 class Coupling:
     """The key, the field, the key pattern's amplitude (integer units) and the field's reach (the
@@ -213,7 +203,7 @@ class Coupling:
         change = bounded(rows(top, bottom), room[0][:, inner], room[1][:, inner])
         return change * torch.from_numpy(known.part[top:bottom])
 
-    def _pattern_change(self, protected: torch.Tensor, part: np.ndarray, pattern: _Pattern, maxval: int,
+    def _pattern_change(self, protected: torch.Tensor, part: np.ndarray, pattern: torch.Tensor, maxval: int,
                         top: int, bottom: int, above: int) -> torch.Tensor:
         """The pattern part's change on rows [top, bottom): the key's ±1 pattern times the
         amplitude, within the headroom of the field part's protected pixels (what the file holds),
@@ -221,12 +211,13 @@ class Coupling:
         room = headroom(protected, torch.from_numpy(part[above:above + protected.shape[1]]), maxval,
                         MARGIN + self.reach, self.spread)
         inner = slice(top - above, bottom - above)
-        signs = pattern.rows(top, bottom, protected.dtype)
+        signs = pattern[:, top:bottom].to(protected.dtype)
         return bounded(signs * self.amplitude, room[0][:, inner], room[1][:, inner]) * torch.from_numpy(~part[top:bottom])
 
-    def _setup(self, pixels: np.ndarray) -> tuple[int, np.ndarray, _Pattern]:
+    def _setup(self, pixels: np.ndarray) -> tuple[int, np.ndarray, torch.Tensor]:
+        """The limit, the field part and the key's ±1 pattern (generated once, read by rows)."""
         height, width, channels = pixels.shape
-        return int(np.iinfo(pixels.dtype).max), field_part(self.key, height, width), _Pattern(self.key, height, width, channels)
+        return int(np.iinfo(pixels.dtype).max), field_part(self.key, height, width), key_pattern(self.key, height, width)[:channels]
 
     def couple(self, pixels: np.ndarray) -> Coupled:
         """Protects (H, W, C) integer pixels: the field part first, then the pattern part."""
@@ -247,7 +238,7 @@ class Coupling:
         clipped_at = np.concatenate(clipped_at)
         return Coupled(result, clipped_at, pixels.reshape(-1)[clipped_at])
 
-    def _without_pattern(self, protected: np.ndarray, part: np.ndarray, pattern: _Pattern, maxval: int,
+    def _without_pattern(self, protected: np.ndarray, part: np.ndarray, pattern: torch.Tensor, maxval: int,
                          keep: np.ndarray | None = None) -> np.ndarray:
         """The image with the pattern part's change undone (clamped to the limits, which is all
         the field reads of it and all an output keeps), or that change itself into `keep`."""
