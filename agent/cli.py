@@ -214,7 +214,7 @@ def eval_(
 
 # ---------------------------------------------------------------- the everyday commands
 #
-# State lives in $AGENT_HOME (default: the platform's data directory, see keys.agent_home). Exit
+# State lives in $AGENT_HOME (default: the platform's data directory, see service.home.agent_home). Exit
 # codes: 0 done; 2 bad input of any kind (a missing or unreadable file, a wrong passphrase, an
 # unknown user, an unwritable output, a locked log, another agent process), with a one-line
 # error; 1 `agent log verify` found the log tampered with.
@@ -225,14 +225,14 @@ JSON_HELP = "print JSON instead of a table"
 
 
 def _home() -> Path:
-    from .keys import agent_home
+    from .service.home import agent_home
 
     return agent_home()
 
 
 def _call(function, *args, **kwargs):
     """Runs one service function; an error the user can act on becomes a one-line message and exit 2."""
-    from .service import USER_ERRORS
+    from .service.home import USER_ERRORS
 
     try:
         return function(*args, **kwargs)
@@ -268,13 +268,14 @@ def _passphrase(passphrase_file: Optional[Path], what: str = "passphrase", *, co
 def _recalled_passphrase(user: Optional[str]) -> Optional[str]:
     """What the OS keyring holds for `user`; None without a keyring, or for a user that does not
     resolve (the command itself then says what is wrong with it)."""
-    from . import keys, service
+    from . import keys
+    from .service import home
 
     if keys.keyring_backend() is None:
         return None
     try:
-        name = service.resolve_user(_home(), user)
-    except service.USER_ERRORS:
+        name = home.resolve_user(_home(), user)
+    except home.USER_ERRORS:
         return None
     return _call(keys.recall_passphrase, keys.key_store(_home()), name)
 
@@ -343,10 +344,10 @@ def init(
 
     The keys (a 256-bit RGAN key, an Ed25519 signing key, a data key) are encrypted under the
     passphrase."""
-    from . import service
+    from .service import users
 
     passphrase = _passphrase(passphrase_file, f"new passphrase for user {user!r}", confirm=True)
-    info = _call(service.init_user, _home(), user, passphrase)
+    info = _call(users.init_user, _home(), user, passphrase)
     console.print(f"created user [bold]{escape(info['user'])}[/bold] (key {info['active_key_id']}) in "
                   f"{escape(info['home'])}", soft_wrap=True)
     console.print("back the keys up now: `agent keys export FILE` (without them protected photos cannot "
@@ -363,9 +364,9 @@ app.add_typer(users_app, name="users")
 @users_app.command("list")
 def users_list(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """The users with keys here, their active key and how many protections the log holds."""
-    from . import service
+    from .service import users
 
-    users = _call(service.list_users, _home())
+    users = _call(users.list_users, _home())
     if as_json:
         _echo_json(users)
         return
@@ -386,10 +387,10 @@ def users_add(
     passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
 ) -> None:
     """Add a user with fresh keys."""
-    from . import service
+    from .service import users
 
     passphrase = _passphrase(passphrase_file, f"new passphrase for user {name!r}", confirm=True)
-    info = _call(service.add_user, _home(), name, passphrase)
+    info = _call(users.add_user, _home(), name, passphrase)
     console.print(f"added user [bold]{escape(info['user'])}[/bold] (key {info['active_key_id']})")
 
 
@@ -403,7 +404,7 @@ def users_remove(
 
     What they protected can then no longer be recovered (export a backup first). Their records
     stay in the log."""
-    from . import service
+    from .service import users
 
     if not yes:
         if not sys.stdin.isatty():
@@ -411,7 +412,7 @@ def users_remove(
         typer.confirm(f"Delete the keys of user {name!r}? Photos they protected cannot be recovered without "
                       "a backup", abort=True)
     passphrase = _passphrase(passphrase_file, f"passphrase of user {name!r}", recall=True, user=name)
-    _call(service.remove_user, _home(), name, passphrase)
+    _call(users.remove_user, _home(), name, passphrase)
     console.print(f"removed the keys of user {escape(name)}")
 
 
@@ -429,9 +430,9 @@ def keys_show(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """The public parts: key ids and dates, the signing public key (no passphrase needed)."""
-    from . import service
+    from .service import users
 
-    info = _call(service.show_keys, _home(), user)
+    info = _call(users.show_keys, _home(), user)
     if as_json:
         _echo_json(info)
         if info["warning"]:
@@ -459,11 +460,11 @@ def keys_export(
     passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
 ) -> None:
     """Write an encrypted backup of a user's keys, under a passphrase of its own."""
-    from . import service
+    from .service import users
 
     passphrase = _passphrase(passphrase_file, recall=True, user=user)
     backup = _other_secret(backup_passphrase_file, "backup passphrase", "--backup-passphrase-file")
-    info = _call(service.export_keys, _home(), user, passphrase, dst, backup)
+    info = _call(users.export_keys, _home(), user, passphrase, dst, backup)
     console.print(f"wrote the keys of {escape(info['user'])} to {escape(str(dst))}", soft_wrap=True)
 
 
@@ -479,11 +480,11 @@ def keys_import(
                                                    "[default: $AGENT_PASSPHRASE, else ask in a terminal]"),
 ) -> None:
     """Restore a backup into this machine's key store."""
-    from . import service
+    from .service import users
 
     backup = _other_secret(backup_passphrase_file, "backup passphrase", "--backup-passphrase-file")
     passphrase = _passphrase(passphrase_file, "new passphrase for the imported keys", confirm=True)
-    info = _call(service.import_keys, _home(), src, backup, passphrase, as_user, replace=replace)
+    info = _call(users.import_keys, _home(), src, backup, passphrase, as_user, replace=replace)
     console.print(f"imported user [bold]{escape(info['user'])}[/bold] ({len(info['rgan_keys'])} RGAN keys)")
 
 
@@ -493,10 +494,10 @@ def keys_rotate(
     passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
 ) -> None:
     """Make a fresh RGAN key the active one; older keys stay, so older photos still recover."""
-    from . import service
+    from .service import users
 
     passphrase = _passphrase(passphrase_file, recall=True, user=user)
-    info = _call(service.rotate_key, _home(), user, passphrase)
+    info = _call(users.rotate_key, _home(), user, passphrase)
     console.print(f"user {escape(info['user'])}: new active key {info['active_key_id']} "
                   f"({len(info['rgan_keys'])} keys kept)")
 
@@ -509,11 +510,11 @@ def keys_change_passphrase(
     passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
 ) -> None:
     """Re-encrypt a user's keys under a new passphrase."""
-    from . import service
+    from .service import users
 
     old = _passphrase(passphrase_file, "current passphrase", recall=True, user=user)
     new = _other_secret(new_passphrase_file, "new passphrase", "--new-passphrase-file")
-    info = _call(service.change_passphrase, _home(), user, old, new)
+    info = _call(users.change_passphrase, _home(), user, old, new)
     console.print(f"changed the passphrase of user {escape(info['user'])}")
 
 
@@ -526,10 +527,11 @@ def keys_remember(
 
     The passphrase is checked against the key file first. $AGENT_PASSPHRASE and --passphrase-file
     still win over the keyring; `agent keys forget` removes it."""
-    from . import keys, service
+    from . import keys
+    from .service import home
 
     passphrase = _passphrase(passphrase_file)
-    name = _call(service.resolve_user, _home(), user)
+    name = _call(home.resolve_user, _home(), user)
     _call(keys.remember_passphrase, keys.key_store(_home()), name, passphrase)
     console.print(f"the OS keyring now holds the passphrase of user {escape(name)}")
 
@@ -537,10 +539,11 @@ def keys_remember(
 @keys_app.command("forget")
 def keys_forget(user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP)) -> None:
     """Remove a user's passphrase from the OS keyring (also for a user whose keys are gone)."""
-    from . import keys, service
+    from . import keys
+    from .service import home
 
     # a removed user no longer resolves, but may still have a passphrase stored
-    name = _call(keys.check_user, user) if user is not None else _call(service.resolve_user, _home(), None)
+    name = _call(keys.check_user, user) if user is not None else _call(home.resolve_user, _home(), None)
     if _call(keys.forget_passphrase, keys.key_store(_home()), name):
         console.print(f"removed the passphrase of user {escape(name)} from the OS keyring")
     else:
@@ -562,7 +565,7 @@ def models_list(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """The shipped model and the user's own; the active one protects new photos (no passphrase needed)."""
-    from . import models
+    from .service import models
 
     listing = _call(models.list_models, _home(), user)
     if as_json:
@@ -584,7 +587,7 @@ def models_use(
     user: Optional[str] = typer.Option(None, "--user", "-u", help=USER_OPTION_HELP),
 ) -> None:
     """Protect new photos with this model; photos protected before still recover with theirs."""
-    from . import models
+    from .service import models
 
     info = _call(models.use_model, _home(), user, name)
     console.print(f"user {escape(info['user'])} now protects with model {escape(info['name'])} "
@@ -600,7 +603,7 @@ def models_export(
     passphrase_file: Optional[Path] = typer.Option(None, "--passphrase-file", help=PASSPHRASE_FILE_HELP),
 ) -> None:
     """Write a model decrypted, as the safetensors file it was imported from."""
-    from . import models
+    from .service import models
 
     passphrase = _passphrase(passphrase_file, recall=True, user=user)
     info = _call(models.export_model, _home(), user, passphrase, name, dst, overwrite=overwrite)
@@ -618,7 +621,7 @@ def models_import(
     """Add a model of your own, stored encrypted with your data key; `agent models use` activates it.
 
     Only keyed rgan-agent model files in safetensors are accepted, never pickles (.pt, .pth)."""
-    from . import models
+    from .service import models
 
     passphrase = _passphrase(passphrase_file, recall=True, user=user)
     info = _call(models.import_model, _home(), user, passphrase, src, name)
@@ -650,8 +653,8 @@ def protect(
     Writes <name>.protected.<ext> in the same format (EXIF orientation applied, GPS and serial
     numbers removed, capture date and colour profile kept). Exits 2 if any file failed; the
     others are still done."""
-    from . import service
     from .pipeline import STRENGTHS, ProtectOptions
+    from .service.protect import protect_paths
 
     if strength not in STRENGTHS:
         fail(f"--strength must be one of {', '.join(STRENGTHS)}, got {strength!r}")
@@ -661,7 +664,7 @@ def protect(
         fail(f"--max-side: {error}")
     passphrase = _passphrase(passphrase_file, recall=True, user=user)
     with _progress("protecting") as on_progress:
-        results = _call(service.protect_paths, _home(), user, passphrase, paths, out, options,
+        results = _call(protect_paths, _home(), user, passphrase, paths, out, options,
                         overwrite=overwrite, on_progress=on_progress)
     if as_json:
         _echo_json([r.to_dict() for r in results])
@@ -698,11 +701,11 @@ def recover(
 
     Finds each one's record (exact hash, else perceptual hash, so a platform's recompressed copy
     is found too) and uses the key of the user who protected it."""
-    from . import service
+    from .service.recover import recover_paths
 
     passphrase = _passphrase(passphrase_file, recall=True, user=user)
     with _progress("recovering") as on_progress:
-        results = _call(service.recover_paths, _home(), images, out, passphrase, user, overwrite=overwrite,
+        results = _call(recover_paths, _home(), images, out, passphrase, user, overwrite=overwrite,
                         force=force, on_progress=on_progress)
     if as_json:
         _echo_json([r.to_dict() for r in results])
@@ -727,9 +730,9 @@ def check(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Is this photo protected, by whom and when (from the log)?"""
-    from . import service
+    from .service import log
 
-    result = _call(service.check_image, _home(), image)
+    result = _call(log.check_image, _home(), image)
     if as_json:
         _echo_json(result.to_dict())
         if result.authentic is False:
@@ -790,11 +793,11 @@ def log(
     File names are shown when the passphrase is given by --passphrase-file or $AGENT_PASSPHRASE."""
     if ctx.invoked_subcommand is not None:
         return
-    from . import service
+    from .service import log
 
     moment = _since(since)
     passphrase = _call(_passphrase_from_env_or_file, passphrase_file)
-    listing = _call(service.log_records, _home(), passphrase, user=user, since=moment)
+    listing = _call(log.log_records, _home(), passphrase, user=user, since=moment)
     if as_json:
         _echo_json(listing.to_dict())
         return
@@ -827,9 +830,9 @@ def log_verify(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) ->
     """Check every record's hash and signature and every chain link.
 
     Names each altered, inserted or removed record and exits 1 if there is any."""
-    from . import service
+    from .service import log
 
-    report = _call(service.verify_log, _home())
+    report = _call(log.verify_log, _home())
     if as_json:
         _echo_json(report.to_dict())
     else:
@@ -875,15 +878,16 @@ def serve(
                                        device=device, micro_batch=micro_batch)
     except ValueError as error:
         fail(str(error))
-    from . import service
+    from .service import users
+    from .service.home import DEFAULT_USER
 
     home = _home()
-    if not _call(service.list_users, home):
+    if not _call(users.list_users, home):
         # a fresh machine: the README's one command sets up and serves, as `agent init` would
-        user = user or service.DEFAULT_USER
+        user = user or DEFAULT_USER
         err_console.print(f"no keys in {home} yet: creating user {user!r} (as `agent init` does)", soft_wrap=True)
         passphrase = _passphrase(passphrase_file, f"new passphrase for user {user!r}", confirm=True)
-        _call(service.init_user, home, user, passphrase)
+        _call(users.init_user, home, user, passphrase)
         err_console.print("back the keys up: `agent keys export FILE` (without them protected photos cannot be "
                           "recovered)", soft_wrap=True)
     else:
@@ -911,7 +915,7 @@ def pair(
 
     Type it into the extension's options within 5 minutes. The extension then holds a token,
     which `--list` shows and `--revoke ID` cancels. Making a code needs the passphrase."""
-    from . import pairing
+    from .service import pairing
 
     if list_tokens and revoke is not None:
         fail("--list and --revoke do one thing each; pass one of them")
@@ -967,7 +971,7 @@ def models_finetune(
     One photo in ten is held out: the new model becomes active only if, on those, it fools
     MobileNetV2 and keeps quality at least as well as the default; otherwise it is kept inactive
     with its report (`agent jobs show ID`)."""
-    from . import jobs
+    from .service import jobs
 
     job = _call(jobs.submit_finetune, _home(), user, images, epochs=epochs, device=device, nproc=nproc)
     if as_json:
@@ -1001,7 +1005,7 @@ def jobs_list(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Every job, newest first, with its state and progress."""
-    from . import jobs
+    from .service import jobs
 
     listing = _call(jobs.list_jobs, _home(), user)
     if as_json:
@@ -1028,7 +1032,7 @@ def jobs_show(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """One job: its parameters, progress (epoch, losses, ETA) and result or error."""
-    from . import jobs
+    from .service import jobs
 
     job = _call(jobs.show_job, _home(), job_id)
     if as_json:
@@ -1068,7 +1072,7 @@ def jobs_show(
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: int = typer.Argument(..., metavar="ID")) -> None:
     """Cancel a queued job, or a running one at its next training step."""
-    from . import jobs
+    from .service import jobs
 
     job = _call(jobs.cancel_job, _home(), job_id)
     console.print(f"cancelled job {job['id']}")
@@ -1085,7 +1089,7 @@ def worker(
     The passphrase is asked once, now: results are stored encrypted with the user's data key. A
     stop leaves the running job's checkpoint and puts it back in the queue; the next worker
     resumes it."""
-    from . import jobs
+    from .service import jobs
 
     passphrase = _passphrase(passphrase_file, recall=True, user=user)
 

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from . import metrics
-from .pipeline import ProtectOptions, protect, read_image, recover, working_copy, write_image
-from .rgan.keying import KEY_BYTES
+from .images import read_image, write_image
+from .keys import KEY_BYTES
+from .pipeline import ProtectOptions, protect, recover, working_copy
 from .rgan.model import RGAN
 
 SAMPLE_IMAGE = "sample.png"

@@ -3,7 +3,7 @@
 A run starts from the shipped default model (`agent/weights/photo-rgan.safetensors`) and continues
 the joint loop of `rgan/train.py` on the user's photos with the photo preset's losses: G, DR and R
 adapt, a fresh discriminator and key-less attacker train alongside as in any run. Its folder (a
-job's work folder, `agent/jobs.py`) holds:
+job's work folder, `agent/service/jobs.py`) holds:
 
     spec.json              what to train on: the parameters, and the training / held-out photos,
                            fixed at the first start so that a resumed run sees the same split

@@ -24,7 +24,6 @@ import hmac
 import json
 import os
 import re
-import sys
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +35,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from .atomic import atomic_path
-from .rgan.keying import KEY_BYTES, check_key
 
 FORMAT = "rgan-agent/keyfile"
 VERSION = 1
@@ -54,12 +52,13 @@ SALT_BYTES = 16
 CHECK_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
+# an RGAN key: 256 bits (what `rgan.keying` expands into the key pattern)
+KEY_BYTES = 32
 SIGNING_KEY_BYTES = 32
 DATA_KEY_BYTES = 32
 DATA_VERSION = 1
 PASSPHRASE_ENV = "AGENT_PASSPHRASE"
 KEYRING_SERVICE = "rgan-agent"
-HOME_ENV = "AGENT_HOME"
 
 _KEY_ID_LABEL = b"rgan-agent key id v1"
 _KEY_ID_BYTES = 8
@@ -152,19 +151,11 @@ class UserKeys:
 # ---------------------------------------------------------------- the store
 
 
-def agent_home() -> Path:
-    """$AGENT_HOME, else the platform's per-user data directory + `rgan-agent`."""
-    if os.environ.get(HOME_ENV):
-        return Path(os.environ[HOME_ENV]).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        xdg = os.environ.get("XDG_DATA_HOME", "")
-        # the XDG spec says a relative value is invalid and must be ignored
-        base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"
-    return base / "rgan-agent"
+def check_key(key: bytes) -> bytes:
+    """`key` as bytes if it is an RGAN key (`KEY_BYTES` long); a ValueError otherwise."""
+    if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
+        raise ValueError(f"an RGAN key is {KEY_BYTES} bytes (256 bits)")
+    return bytes(key)
 
 
 def key_store(home: Path) -> Path:
@@ -211,7 +202,7 @@ def export_backup(store: Path, user: str, passphrase: str, dst: Path, backup_pas
     if dst.exists():
         raise KeyStoreError(f"{dst} already exists; a backup never overwrites a file")
     keyfile = _read_user(store, user)
-    _write_private(dst, _seal_fresh(_open(keyfile, passphrase), backup_passphrase, keyfile.n), replace=False)
+    write_private(dst, _seal_fresh(_open(keyfile, passphrase), backup_passphrase, keyfile.n), replace=False)
 
 
 def import_backup(store: Path, src: Path, backup_passphrase: str, passphrase: str, user: str | None = None,
@@ -629,11 +620,11 @@ def _save(store: Path, keys: UserKeys, passphrase: str, n: int, *, replace: bool
     store = Path(store)
     store.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(store, 0o700)  # also when it existed: the store holds nothing for other users
-    _write_private(_user_file(store, keys.user), data, replace=replace)
+    write_private(_user_file(store, keys.user), data, replace=replace)
     _sync_keyring(store, keys.user, passphrase)
 
 
-def _write_private(target: Path, data: bytes, *, replace: bool) -> None:
+def write_private(target: Path, data: bytes, *, replace: bool) -> None:
     """Writes atomically with mode 0o600; without `replace`, refuses an existing `target`."""
     # atomic_path creates its temporary file as 0o666 minus the umask and restores that mode just
     # before the rename, so a chmod inside the block would be undone: narrow the umask while it

@@ -20,12 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import math
-import os
-import struct
-import warnings
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -34,29 +29,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
-from .atomic import atomic_path
 from .coupling import Coupling, FieldRows, Known, estimate, field_part
+from .images import BIT_DEPTHS, MAX_PIXELS, MODES, resize
 from .jpeg import Quantization, most_likely_original
+from .keys import check_key
 from .recovery import RecoveryData
 from . import selfcheck
 from .refine import ATTEMPTS, METHOD, METHODS, Budget, Method, Refinement, fixed_threads, upsampled_rows
-from .rgan.keying import PATTERN_VERSION, check_key, key_pattern
+from .rgan.keying import PATTERN_VERSION, key_pattern
 from .rgan.model import RGAN, load_model
 from .rgan.nets import ENCODER_STRIDE
 
 # the shipped photo model, used wherever no model is given
 DEFAULT_MODEL_PATH = Path(str(resources.files("agent") / "weights" / "photo-rgan.safetensors"))
-# Beyond this a photo is more likely a mistake (or a decompression bomb) than a photo: 100 MP is
-# already larger than what any current camera writes.
-MAX_PIXELS = 100_000_000
-MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
-BIT_DEPTHS = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}
-SUFFIX_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-# zlib's level for PNG outputs: a photo's PNG at 3 is 4% larger than at Pillow's default 6 and
-# written in a quarter of the time (1 s at 6 for 2048×1536, most of a protection's budget)
-PNG_LEVEL = 3
 # Tile origins are kept on this grid (see `_alignment`), so the tile size must lie on it too.
 TILE_GRID = 16
 # What each strength spends (`refine.Budget`: the field's bound in grey levels on its half of the
@@ -274,7 +260,7 @@ def _working(image: np.ndarray, key: bytes, options: ProtectOptions):
     height, width = pixels.shape[:2]
     work_w, work_h = working_size(width, height, options.max_side)
     if (work_w, work_h) != (width, height):
-        pixels = _resize(pixels, work_w, work_h)
+        pixels = resize(pixels, work_w, work_h)
     return pixels, mode, (width, height), (work_w, work_h)
 
 
@@ -408,55 +394,12 @@ def _recover_rgan(colour: np.ndarray, key: bytes, strength: float, net: RGAN, op
     return recovered
 
 
-def protect_file(src: Path, dst: Path, key: bytes, options: ProtectOptions = ProtectOptions(),
-                 model: RGAN | None = None, quality: int = 95) -> ProtectInfo:
-    """Protects the photo in `src` into `dst` (format from dst's suffix: .png, .jpg/.jpeg, .webp).
-
-    `src` is only read. `dst` appears complete or not at all. `quality` applies to JPEG and WebP.
-    """
-    src, dst = _distinct(src, dst)
-    _check_format(dst, quality)
-    pixels, icc = _decode_image(_read_bytes(src), str(src))
-    _check_writable(dst, pixels.dtype, pixels.shape[2] in (2, 4))
-    protected, info = protect(pixels, key, options, model)
-    _write_image(protected, dst, quality, icc)
-    return info
-
-
-def recover_file(src: Path, dst: Path, key: bytes, info: ProtectInfo | None = None,
-                 model: RGAN | None = None, quality: int = 95) -> None:
-    """Recovers the protected photo in `src` into `dst`, like `recover` (working resolution); a
-    JPEG's quantisation tables are used too."""
-    src, dst = _distinct(src, dst)
-    _check_format(dst, quality)
-    data = _read_bytes(src)
-    pixels, icc = _decode_image(data, str(src))
-    _check_writable(dst, pixels.dtype, pixels.shape[2] in (2, 4))
-    _write_image(recover(pixels, key, info, model, jpeg=Quantization.read(data)), dst, quality, icc)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """A photo file as (H, W, C) uint8 or uint16, the right way up (ValueError if unreadable)."""
-    path = Path(path)
-    return _decode_image(_read_bytes(path), str(path))[0]
-
-
-def decode_image(data: bytes, name: str = "the image") -> np.ndarray:
-    """`read_image` for a file's bytes already in memory; `name` is what error messages call it."""
-    return _decode_image(bytes(data), name)[0]
-
-
-def write_image(pixels: np.ndarray, dst: Path, quality: int = 95) -> None:
-    """Writes (H, W[, C]) pixels atomically, in the format of dst's suffix."""
-    _write_image(pixels if pixels.ndim == 3 else pixels[:, :, None], Path(dst), quality, None)
-
-
 def working_copy(image: np.ndarray, options: ProtectOptions = ProtectOptions()) -> np.ndarray:
     """The photo at the working resolution `protect` would use: what recovery gives back."""
     pixels, _ = _check_image(image)
     height, width = pixels.shape[:2]
     size = working_size(width, height, options.max_side)
-    return pixels if size == (width, height) else _resize(pixels, *size)
+    return pixels if size == (width, height) else resize(pixels, *size)
 
 
 # --- arrays -----------------------------------------------------------------------------------
@@ -489,19 +432,6 @@ def working_size(width: int, height: int, max_side: int | None) -> tuple[int, in
     if width >= height:
         return max_side, max(1, round(height * scale))
     return max(1, round(width * scale)), max_side
-
-
-def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Antialiased (Lanczos) downscale, channel by channel in float so that 16-bit depth survives
-    and alpha is resized exactly like the colours (no premultiplication that would lose the
-    colour of transparent pixels)."""
-    maxval = np.iinfo(pixels.dtype).max
-    channels = []
-    for c in range(pixels.shape[2]):
-        plane = Image.fromarray(pixels[:, :, c].astype(np.float32))
-        resized = np.asarray(plane.resize((width, height), Image.Resampling.LANCZOS))
-        channels.append(np.clip(np.rint(resized), 0, maxval).astype(pixels.dtype))
-    return np.stack(channels, axis=2)
 
 
 def _split(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -581,175 +511,3 @@ def _run(colour: np.ndarray, key: bytes, net: RGAN, options: ProtectOptions,
             core = result[0, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0].clamp(0, 1) * maxval
             out[cy0:cy1, cx0:cx1] = core.round().permute(1, 2, 0).cpu().numpy().astype(colour.dtype)
     return out
-
-
-# --- files ------------------------------------------------------------------------------------
-
-
-def _distinct(src: Path, dst: Path) -> tuple[Path, Path]:
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve() or (dst.exists() and src.exists() and os.path.samefile(src, dst)):
-        raise ValueError(f"the output {dst} is the input file; the original is never overwritten")
-    return src, dst
-
-
-def _check_format(dst: Path, quality: int) -> str:
-    fmt = SUFFIX_FORMATS.get(dst.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{dst}: unknown output format {dst.suffix!r}; use .png, .jpg, .jpeg or .webp")
-    if not _is_int(quality) or not 1 <= quality <= 100:
-        raise ValueError(f"quality must be an integer in 1..100, got {quality!r}")
-    return fmt
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such image: {path}") from None
-    except OSError as error:
-        raise ValueError(f"{path} is not an image that can be read ({error})") from None
-
-
-def _decode_image(data: bytes, name: str) -> tuple[np.ndarray, bytes | None]:
-    """The image's pixels the right way up, as (H, W, C) uint8 or uint16, and its ICC profile."""
-    try:
-        with warnings.catch_warnings():
-            # MAX_PIXELS is checked below, before any pixel is decoded
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    raise ValueError(f"{name} has {image.width}×{image.height} pixels; at most "
-                                     f"{MAX_PIXELS:,} are accepted")
-                icc = image.info.get("icc_profile")
-                if image.format == "PNG" and _png_bit_depth(data) == 16:
-                    return _decode_png16(data), icc
-                return _pillow_array(ImageOps.exif_transpose(image), name), icc
-    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{name} is not an image that can be read ({error})") from None
-
-
-def _pillow_array(image: Image.Image, path: Path | str) -> np.ndarray:
-    mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        return np.asarray(image).astype(np.uint16)[:, :, None]
-    if mode == "I":
-        values = np.asarray(image)
-        if values.min() < 0 or values.max() > 65535:
-            raise ValueError(f"{path} holds 32-bit integer pixels; only 8- and 16-bit images are supported")
-        return values.astype(np.uint16)[:, :, None]
-    if mode == "F":
-        raise ValueError(f"{path} holds floating-point pixels; only 8- and 16-bit images are supported")
-    if mode not in MODES.values():
-        has_alpha = mode in ("PA", "La", "RGBa") or "transparency" in image.info
-        grey = mode in ("1", "La")
-        image = image.convert(("LA" if has_alpha else "L") if grey else ("RGBA" if has_alpha else "RGB"))
-    array = np.asarray(image)
-    return array[:, :, None] if array.ndim == 2 else array
-
-
-def _png_bit_depth(data: bytes) -> int:
-    header = data[:26]
-    # signature (8), IHDR length (4) and type (4), width (4), height (4), then the bit depth
-    return header[24] if len(header) == 26 and header[12:16] == b"IHDR" else 8
-
-
-def _decode_png16(data: bytes) -> np.ndarray:
-    """Pillow reads 16-bit colour PNGs as 8-bit (it has no 16-bit RGB mode), which would silently
-    drop the low byte the perturbation lives in; torchvision's libpng decoder keeps all 16 bits.
-    Its image I/O is deprecated in favour of torchcodec, but it is pinned here and works."""
-    from torchvision.io import ImageReadMode, decode_png
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        encoded = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
-        decoded = decode_png(encoded, ImageReadMode.UNCHANGED, apply_exif_orientation=True)
-    return decoded.permute(1, 2, 0).contiguous().numpy().astype(np.uint16)
-
-
-def _check_writable(dst: Path, dtype: np.dtype, alpha: bool) -> None:
-    fmt = SUFFIX_FORMATS[dst.suffix.lower()]
-    if fmt != "PNG" and dtype == np.uint16:
-        raise ValueError(f"{dst}: {fmt} cannot hold 16-bit pixels; save as .png")
-    # (WebP does hold alpha, and libwebp keeps it lossless even in a lossy file)
-    if fmt == "JPEG" and alpha:
-        raise ValueError(f"{dst}: JPEG cannot hold an alpha channel; save as .png")
-
-
-def _write_image(pixels: np.ndarray, dst: Path, quality: int, icc: bytes | None) -> None:
-    fmt = _check_format(dst, quality)
-    _check_writable(dst, pixels.dtype, pixels.ndim == 3 and pixels.shape[2] in (2, 4))
-    data = encode_image(pixels, fmt, quality=quality, icc=icc)
-    with atomic_path(dst) as tmp:
-        tmp.write_bytes(data)
-
-
-def encode_image(pixels: np.ndarray, fmt: str, *, quality: int = 95, lossless: bool = False,
-                 icc: bytes | None = None, exif: bytes | None = None) -> bytes:
-    """(H, W[, C]) uint8/uint16 pixels as a file's bytes in `fmt` (JPEG, PNG, WEBP, HEIF), with the
-    colour profile and EXIF block given. 16-bit pixels only as PNG."""
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    channels = pixels.shape[2]
-    icc = _matching_icc(icc, channels)
-    if pixels.dtype == np.uint16:
-        if fmt != "PNG":
-            raise ValueError(f"{fmt} cannot hold 16-bit pixels")
-        return _png_with_exif(_encode_png16(pixels, icc), exif)
-    if fmt == "JPEG" and channels in (2, 4):
-        raise ValueError("JPEG cannot hold an alpha channel")
-    params: dict[str, Any] = {}
-    if icc:
-        params["icc_profile"] = icc
-    if exif:
-        params["exif"] = exif
-    if fmt == "JPEG":
-        # 4:4:4: chroma subsampling would average away half of the colour perturbation
-        params.update(quality=int(quality), subsampling=0)
-    elif fmt == "WEBP":
-        params.update(lossless=True, quality=100) if lossless else params.update(quality=int(quality))
-    elif fmt == "HEIF":
-        params.update(quality=int(quality), chroma="444")
-    elif fmt == "PNG":
-        params.update(compress_level=PNG_LEVEL)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
-def _matching_icc(icc: bytes | None, channels: int) -> bytes | None:
-    """The source's colour profile if it still describes the output: grayscale photos come out
-    in colour and CMYK ones as RGB, and a profile of another colour space would be misapplied."""
-    space = b"GRAY" if channels <= 2 else b"RGB "
-    return icc if icc and icc[16:20] == space else None
-
-
-def _png_with_exif(png: bytes, exif: bytes | None) -> bytes:
-    """Inserts an eXIf chunk after IHDR (before the image data, as the PNG spec asks)."""
-    if not exif:
-        return png
-    body = exif[6:] if exif.startswith(b"Exif\x00\x00") else exif
-    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
-    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length+type, IHDR data, CRC
-    return png[:ihdr_end] + chunk + png[ihdr_end:]
-
-
-def _encode_png16(pixels: np.ndarray, icc: bytes | None) -> bytes:
-    """A 16-bit PNG of any of the four layouts (Pillow writes 16 bits only for grayscale).
-    Every row uses the Up filter: vectorised, and it compresses photos far better than none."""
-    height, width, channels = pixels.shape
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    rows = pixels.astype(">u2").reshape(height, -1).view(np.uint8)
-    filtered = np.empty((height, rows.shape[1] + 1), dtype=np.uint8)
-    filtered[:, 0] = 2
-    filtered[0, 1:] = rows[0]
-    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 wraps modulo 256, as PNG wants
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    parts = [b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))]
-    if icc:
-        parts.append(chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)))
-    parts += [chunk(b"IDAT", zlib.compress(filtered.tobytes(), PNG_LEVEL)), chunk(b"IEND", b"")]
-    return b"".join(parts)

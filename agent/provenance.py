@@ -17,7 +17,7 @@ and the active model, NULL for the shipped default), `keys` (public parts of the
 user, created, active flag), `models` (name, SHA-256 of the weights, the user or NULL for the
 shipped default, encrypted flag, created, the file under `$AGENT_HOME/models`, a JSON report),
 `pairing_codes` and `tokens` (the local service's pairing, stored as SHA-256 only),
-`protections` (the records) and `jobs` (background fine-tuning jobs, `agent/jobs.py`).
+`protections` (the records) and `jobs` (background fine-tuning jobs, `agent/service/jobs.py`).
 
 A record
 --------
@@ -289,7 +289,7 @@ JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 
 
 class JobRow(Base):
-    """A background job (`agent/jobs.py`): a user's fine-tuning run, its progress and its outcome."""
+    """A background job (`agent/service/jobs.py`): a user's fine-tuning run, its progress and its outcome."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -314,7 +314,7 @@ class JobRow(Base):
 # ---------------------------------------------------------------- opening the database
 
 def database_path(home: Path) -> Path:
-    """Where the agent keeps its log under `$AGENT_HOME` (see `keys.agent_home`)."""
+    """Where the agent keeps its log under `$AGENT_HOME` (see `service.home.agent_home`)."""
     return Path(home) / DATABASE_NAME
 
 
@@ -359,7 +359,7 @@ def migrate(engine: Engine, *, timeout: float | None = None) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     where = engine.url.database
-    with _translate_errors(f"migrating {where}", timeout):
+    with translate_errors(f"migrating {where}", timeout):
         # the usual case, an up-to-date database, needs no write lock (another process may hold it)
         with engine.connect() as connection:
             current = MigrationContext.configure(connection).get_current_revision()
@@ -406,7 +406,9 @@ def make_engine(path: Path, timeout: float = DEFAULT_TIMEOUT) -> Engine:
 
 
 @contextlib.contextmanager
-def _translate_errors(doing: str, timeout: float | None) -> Iterator[None]:
+def translate_errors(doing: str, timeout: float | None) -> Iterator[None]:
+    """SQLite's errors inside the block as the log's own: `DatabaseLockedError` for a lock held
+    past `timeout`, `ProvenanceError` for the rest, each saying what was being done."""
     try:
         yield
     except DatabaseError as error:  # OperationalError (locks), IntegrityError, "not a database", ...
@@ -425,7 +427,7 @@ def _session_timeout(session: Session) -> float | None:
     return session.info.get("provenance_timeout")
 
 
-def _begin_write(session: Session) -> None:
+def begin_write(session: Session) -> None:
     """Makes sure this session's transaction holds the write lock before it reads a chain head."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*already.*execution_options.*")
@@ -452,8 +454,8 @@ def register_user(session: Session, keys: UserKeys) -> UserRow:
     """Adds the user (public key) and the public parts of its RGAN keys, or brings them up to date
     (new keys after a rotation, the active flag). A user already known with another signing key is
     refused: its records would no longer verify. Takes the write lock (see `record_protection`)."""
-    with _translate_errors("registering a user", _session_timeout(session)):
-        _begin_write(session)
+    with translate_errors("registering a user", _session_timeout(session)):
+        begin_write(session)
         return _register_user(session, keys)
 
 
@@ -462,7 +464,7 @@ def _register_user(session: Session, keys: UserKeys) -> UserRow:
     user = session.scalar(select(UserRow).where(UserRow.name == keys.user)
                           .execution_options(populate_existing=True))
     if user is None:
-        user = UserRow(name=keys.user, created=_time_text(min(k.created for k in keys.rgan_keys), micro=False),
+        user = UserRow(name=keys.user, created=time_text(min(k.created for k in keys.rgan_keys), micro=False),
                        public_key=keys.public_key_bytes, head_seq=0, head_hash=None)
         session.add(user)
     elif user.public_key != keys.public_key_bytes:
@@ -473,7 +475,7 @@ def _register_user(session: Session, keys: UserKeys) -> UserRow:
     active = keys.active_rgan_key.key_id
     for rgan_key in keys.rgan_keys:
         if rgan_key.key_id not in known:
-            user.keys.append(KeyRow(key_id=rgan_key.key_id, created=_time_text(rgan_key.created, micro=False),
+            user.keys.append(KeyRow(key_id=rgan_key.key_id, created=time_text(rgan_key.created, micro=False),
                                     active=rgan_key.key_id == active))
     for key_row in user.keys:
         key_row.active = key_row.key_id == active
@@ -486,14 +488,14 @@ def register_model(session: Session, name: str, sha256: str, *, user: UserKeys |
     """The models row for these weights (by SHA-256, per user; `user=None`: the shipped default),
     added if new. `sha256` is the digest of the plaintext weights file (`file_sha256`)."""
     sha256 = _check_hex(sha256, 64, "model sha256")
-    with _translate_errors("registering a model", _session_timeout(session)):
-        _begin_write(session)
+    with translate_errors("registering a model", _session_timeout(session)):
+        begin_write(session)
         user_id = _register_user(session, user).id if user is not None else None
         owner = ModelRow.user_id.is_(None) if user_id is None else ModelRow.user_id == user_id
         row = session.scalar(select(ModelRow).where(ModelRow.sha256 == sha256, owner))
         if row is None:
             row = ModelRow(name=name, sha256=sha256, user_id=user_id, encrypted=bool(encrypted),
-                           created=_time_text(_now(), micro=False))
+                           created=time_text(utc_now(), micro=False))
             session.add(row)
             session.flush()
     return row
@@ -583,15 +585,15 @@ def record_protection(session: Session, keys: UserKeys, *, original: bytes, prot
         params["recovery"] = base64.b64encode(sealed).decode("ascii")
     params_text = canonical(params).decode("ascii")
     (original_w, original_h), (working_w, working_h) = info.original_size, info.working_size
-    moment = _time_text(now or datetime.now(UTC))
+    moment = time_text(now or datetime.now(UTC))
     phash = _check_hex(phash, 16, "phash") if phash is not None else perceptual_hash(protected)
     for name, value in (("psnr", psnr), ("self_check_asr", self_check_asr)):
         if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
             raise ValueError(f"{name} must be a finite number or None, got {value!r}")
 
     timeout = _session_timeout(session)
-    with _translate_errors("recording a protection", timeout):
-        _begin_write(session)
+    with translate_errors("recording a protection", timeout):
+        begin_write(session)
         user = _register_user(session, keys)
         seq, prev_hash = _next_link(session, user)
         row = ProtectionRow(
@@ -710,7 +712,7 @@ def list_records(session: Session, user: str | None = None, since: datetime | No
     if since is not None:
         if since.tzinfo is None:
             raise ValueError("since must be timezone-aware (e.g. datetime(..., tzinfo=UTC))")
-        query = query.where(ProtectionRow.time >= _time_text(since))
+        query = query.where(ProtectionRow.time >= time_text(since))
     rows = session.execute(query.order_by(ProtectionRow.time, UserRow.name, ProtectionRow.seq)).all()
     unlocked = {k.user: k for k in ([keys] if isinstance(keys, UserKeys) else keys)}
     records = [_record(row, name) for row, name in rows]
@@ -1142,14 +1144,15 @@ def _check_hex(text: Any, digits: int, what: str) -> str:
     return text
 
 
-def _time_text(moment: datetime, *, micro: bool = True) -> str:
+def time_text(moment: datetime, *, micro: bool = True) -> str:
+    """A time as the log stores it: UTC, ISO 8601, with or without microseconds."""
     if moment.tzinfo is None:
         raise ValueError("times must be timezone-aware")
     text = moment.astimezone(UTC).strftime(_TIME_FORMAT)
     return text if micro else text[:19] + "Z"
 
 
-def _now() -> datetime:
+def utc_now() -> datetime:
     return datetime.now(UTC)
 
 

@@ -11,7 +11,7 @@ threat model; in short, every web page the user opens can send requests to a loo
   `chrome-extension://` and `moz-extension://` origins are let through, and CORS headers are given
   only to origins that hold a live token (and, to pair, to any extension);
 * everything but `GET /v1/status` needs the bearer token that pairing gave (`agent pair`,
-  `POST /v1/pair`, agent/pairing.py), sent from the origin it was paired with;
+  `POST /v1/pair`, agent/service/pairing.py), sent from the origin it was paired with;
 * bodies, pixels and request rates are bounded, and inference runs in a worker pool behind a
   bounded queue: when the queue is full the answer is 503 with `Retry-After`, never a backlog.
 
@@ -45,13 +45,16 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
-from . import __version__, jobs, models, pairing, pipeline, service
+from . import __version__, images, pipeline
 from . import provenance as prov
 from .batching import Accelerator
 from .keys import UserKeys
 from .pipeline import ProtectOptions
-from .surrogate import surrogate
 from .provenance import DatabaseLockedError, ProvenanceError
+from .service import jobs, models, pairing
+from .service.home import LOCK_WAIT, AgentBusyError, ServiceError, database, resolve_user, unlock
+from .service.protect import protect_bytes
+from .surrogate import surrogate
 
 DEFAULT_PORT = 47830
 PORT_ENV = "AGENT_PORT"
@@ -80,7 +83,7 @@ class ServerOptions:
     (`batching.py`; worth it on a GPU, where it wants as many workers)."""
 
     max_body: int = 64 * 1024 * 1024
-    max_pixels: int = pipeline.MAX_PIXELS
+    max_pixels: int = images.MAX_PIXELS
     workers: int = 1
     queue: int = 4
     rate: float = 4.0
@@ -310,7 +313,7 @@ class _State:
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         """The log (a home without one is refused: `agent init`) and the worker pool, for as long
         as the app runs; at the end aiohttp has already let the in-flight requests finish."""
-        with service._database(self.home) as factory:
+        with database(self.home) as factory:
             self.factory = factory
             self.pool = ThreadPoolExecutor(self.options.workers, thread_name_prefix="agent-protect")
             try:
@@ -415,14 +418,14 @@ class _State:
         started = time.perf_counter()
         try:
             done = await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(
-                service.protect_bytes, self.home, self.keys, data, file_name=file_name, site=site, options=options,
+                protect_bytes, self.home, self.keys, data, file_name=file_name, site=site, options=options,
                 max_pixels=self.options.max_pixels, factory=self.factory, prepare=self.accelerator.prepare))
-        except service.TooManyPixelsError as error:
+        except images.TooManyPixelsError as error:
             raise ApiError(413, "too_many_pixels", str(error)) from None
-        except service.ImageError as error:
+        except images.ImageError as error:
             raise ApiError(400, "bad_image", str(error)) from None
-        except (service.AgentBusyError, DatabaseLockedError) as error:
-            raise ApiError(503, "busy", str(error), _retry_after(service.LOCK_WAIT)) from None
+        except (AgentBusyError, DatabaseLockedError) as error:
+            raise ApiError(503, "busy", str(error), _retry_after(LOCK_WAIT)) from None
         else:
             took = time.perf_counter() - started
             self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * took if self.measured else took
@@ -637,10 +640,10 @@ def resolve_port(port: int | None = None) -> int:
         if not text:
             return DEFAULT_PORT
         if not text.isdigit():
-            raise service.ServiceError(f"${PORT_ENV} must be a port number, got {text!r}")
+            raise ServiceError(f"${PORT_ENV} must be a port number, got {text!r}")
         port = int(text)
     if not 1 <= port <= 65535:
-        raise service.ServiceError(f"the port must be from 1 to 65535, got {port}")
+        raise ServiceError(f"the port must be from 1 to 65535, got {port}")
     return port
 
 
@@ -654,7 +657,7 @@ def serve(home: Path, user: str | None, passphrase: str, *, port: int | None = N
     options = ServerOptions() if options is None else options
     for name in options.hosts:
         _check_loopback_name(name)
-    keys = service._unlock(home, service.resolve_user(home, user), passphrase)
+    keys = unlock(home, resolve_user(home, user), passphrase)
     # loaded before listening, so that the first photo does not wait for them
     pipeline.default_model()
     surrogate()
@@ -667,11 +670,11 @@ def _check_loopback_name(name: str) -> None:
     try:
         found = socket.getaddrinfo(name, None)
     except (OSError, UnicodeError) as error:
-        raise service.ServiceError(f"--host-check {name}: the name does not resolve here ({error})") from None
+        raise ServiceError(f"--host-check {name}: the name does not resolve here ({error})") from None
     addresses = {entry[4][0] for entry in found}
     outside = sorted(a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_loopback)
     if outside:
-        raise service.ServiceError(f"--host-check {name}: it resolves to {', '.join(outside)}, not only to the "
+        raise ServiceError(f"--host-check {name}: it resolves to {', '.join(outside)}, not only to the "
                                    "loopback; only loopback names may be accepted")
 
 
@@ -706,9 +709,9 @@ async def _serve(app: web.Application, port: int, options: ServerOptions,
                     log.info(json.dumps({"event": "no_ipv6_loopback", "detail": str(error)}))
                     continue
                 if error.errno == errno.EADDRINUSE:
-                    raise service.ServiceError(f"port {port} on {host} is in use (another `agent serve`?); choose "
+                    raise ServiceError(f"port {port} on {host} is in use (another `agent serve`?); choose "
                                                f"another with --port or ${PORT_ENV}") from None
-                raise service.ServiceError(f"cannot listen on {host} port {port}: {error.strerror}") from None
+                raise ServiceError(f"cannot listen on {host} port {port}: {error.strerror}") from None
             urls.append(f"http://{'[::1]' if host == '::1' else host}:{port}")
         log.info(json.dumps({"event": "listening", "urls": urls, "user": app[STATE].keys.user}))
         if on_ready is not None:

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent import pipeline
+from agent import images, pipeline
 from agent.data import load_photos
 from agent.jpeg import Quantization
 from agent.rgan.keying import random_keys
@@ -59,10 +59,10 @@ def measure_set(name: str, seed: int, limit: int | None) -> dict:
         original = pipeline.working_copy(image.permute(1, 2, 0).numpy())
         protected, info = pipeline.protect_rgan(original, key, model=model)
         for quality in QUALITIES:
-            data = pipeline.encode_image(protected, "JPEG", quality=quality)
-            decoded = pipeline.decode_image(data)
-            rows[quality]["original"].append(psnr(pipeline.decode_image(
-                pipeline.encode_image(original, "JPEG", quality=quality)), original))
+            data = images.encode_image(protected, "JPEG", quality=quality)
+            decoded = images.decode_image(data)
+            rows[quality]["original"].append(psnr(images.decode_image(
+                images.encode_image(original, "JPEG", quality=quality)), original))
             rows[quality]["plain"].append(psnr(pipeline.recover(decoded, key, info, model), original))
             started = time.perf_counter()
             tables = Quantization.read(data)

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 from agent.classifiers import Normalized, freeze, load_mobilenet_v2  # noqa: E402
 from agent.data import photo_paths, shared_dir  # noqa: E402
 from agent.jpeg import Quantization  # noqa: E402
-from agent.pipeline import (  # noqa: E402
-    STRENGTHS, ProtectOptions, decode_image, encode_image, protect, read_image, recover, working_copy)
+from agent.images import decode_image, encode_image, read_image  # noqa: E402
+from agent.pipeline import STRENGTHS, ProtectOptions, protect, recover, working_copy  # noqa: E402
 from agent.refine import views  # noqa: E402
 from bench.sections import run_photo_bench  # noqa: E402
 

@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent import keys as keystore
-from agent import pairing, pipeline, service
+from agent import pipeline
 from agent import provenance as prov
 from agent.atomic import write_text
+from agent.service import pairing, users
 from bench.sections import write_section
 from agent.server import ServerOptions, make_app
 
@@ -96,7 +97,7 @@ async def run(levels: list[int], requests: int, options: ServerOptions) -> list[
     body = SAMPLE.read_bytes()
     with tempfile.TemporaryDirectory() as folder:
         home = Path(folder) / "home"
-        service.init_user(home, USER, PASSPHRASE, kdf_n=2**14)  # the store's minimum: the unlock is not measured
+        users.init_user(home, USER, PASSPHRASE, kdf_n=2**14)  # the store's minimum: the unlock is not measured
         keys = keystore.unlock(keystore.key_store(home), USER, PASSPHRASE)
         factory = prov.open_database(prov.database_path(home))
         try:

@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from agent.atomic import write_text  # noqa: E402
 from agent.data import photo_paths  # noqa: E402
-from agent.pipeline import ProtectOptions, protect_file, read_image, recover_file  # noqa: E402
+from agent.images import decode, read_bytes, read_image, write_image  # noqa: E402
+from agent.jpeg import Quantization  # noqa: E402
+from agent.pipeline import ProtectInfo, ProtectOptions, protect, recover  # noqa: E402
 from agent.refine import views  # noqa: E402
 from agent.surrogate import surrogate  # noqa: E402
 
@@ -47,6 +49,20 @@ def make_photo(folder: Path, size: tuple[int, int]) -> Path:
     path = folder / f"photo-{size[0]}x{size[1]}.jpg"
     image.save(path, quality=92)
     return path
+
+
+def protect_file(src: Path, dst: Path) -> ProtectInfo:
+    """End to end, as the service protects a file: decode, protect, encode."""
+    pixels, icc = decode(read_bytes(src), str(src))
+    protected, info = protect(pixels, KEY, ProtectOptions())
+    write_image(protected, dst, icc=icc)
+    return info
+
+
+def recover_file(src: Path, dst: Path, info: ProtectInfo) -> None:
+    data = read_bytes(src)
+    pixels, icc = decode(data, str(src))
+    write_image(recover(pixels, KEY, info, jpeg=Quantization.read(data)), dst, icc=icc)
 
 
 def timed(function, repeats: int) -> list[float]:
@@ -69,11 +85,11 @@ def file_figures(folder: Path, repeats: int) -> dict[str, dict[str, float]]:
             with Image.open(src) as image:
                 image.convert("RGB").save(dst, quality=95)
 
-        protect_file(src, dst, KEY, ProtectOptions())  # warm-up: the networks load once per process
+        protect_file(src, dst)  # warm-up: the networks load once per process
         floor = timed(codec_only, repeats)
-        total = timed(lambda: protect_file(src, dst, KEY, ProtectOptions()), repeats)
-        info = protect_file(src, png, KEY, ProtectOptions())
-        recovery = timed(lambda: recover_file(png, back, KEY, info), repeats)
+        total = timed(lambda: protect_file(src, dst), repeats)
+        info = protect_file(src, png)
+        recovery = timed(lambda: recover_file(png, back, info), repeats)
         results[label] = {"median_s": statistics.median(total), "codec_median_s": statistics.median(floor),
                           "recover_median_s": statistics.median(recovery), "attempt": info.attempt, "runs": repeats}
     return results

@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 from agent.classifiers import load_mobilenet_v2  # noqa: E402
 from agent.coupling import Coupling  # noqa: E402
 from agent.data import photo_paths  # noqa: E402
-from agent.pipeline import STRENGTHS, default_model, read_image, working_copy  # noqa: E402
+from agent.images import read_image  # noqa: E402
+from agent.pipeline import STRENGTHS, default_model, working_copy  # noqa: E402
 from agent.refine import Budget, Refinement  # noqa: E402
 from bench.quality import labels, noise_like, psnr  # noqa: E402
 from bench.sections import run_photo_bench  # noqa: E402

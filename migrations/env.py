@@ -37,7 +37,7 @@ def run_migrations_online() -> None:
         return
     import logging
 
-    from agent.keys import agent_home
+    from agent.service.home import agent_home
 
     # the command line shows what it does; the agent itself stays quiet
     logging.basicConfig(format="%(levelname)-5.5s [%(name)s] %(message)s")

@@ -43,9 +43,9 @@ def test_demo_names_a_bad_image_and_exits_non_zero(tmp_path, content):
 def test_demo_refuses_a_photo_too_large_for_it(tmp_path, monkeypatch):
     from PIL import Image
 
-    import agent.pipeline
+    import agent.images
 
-    monkeypatch.setattr(agent.pipeline, "MAX_PIXELS", 100)
+    monkeypatch.setattr(agent.images, "MAX_PIXELS", 100)
     Image.new("RGB", (11, 10)).save(tmp_path / "big.png")
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "out"), "--image", str(tmp_path / "big.png")])
     assert result.exit_code == 2 and "11×10 pixels" in result.output

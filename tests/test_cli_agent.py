@@ -18,9 +18,15 @@ from typer.testing import CliRunner
 
 from agent import keys as keystore
 from agent import provenance as prov
-from agent import service
+
 from agent.cli import app
-from agent.pipeline import read_image, working_copy
+from agent.images import image_psnr
+from agent.images import read_image
+from agent.pipeline import working_copy
+from agent.service import home as service_home
+from agent.service.home import CRASH_ENV
+from agent.service.log import log_records, verify_log
+from agent.service.users import init_user
 
 PW = "correct horse"
 runner = CliRunner()
@@ -50,7 +56,7 @@ def env(tmp_path, monkeypatch):
     """$AGENT_HOME in tmp_path and the passphrase in the environment; new key files use scrypt's
     2**14 (init reads keys.KDF_N when it runs) so that each unlock is fast."""
     monkeypatch.setattr(keystore, "KDF_N", 2**14)
-    monkeypatch.setattr(service, "LOCK_WAIT", 0.1)
+    monkeypatch.setattr(service_home, "LOCK_WAIT", 0.1)
     values = {"AGENT_HOME": str(tmp_path / "home"), "AGENT_PASSPHRASE": PW}
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -94,7 +100,7 @@ def test_init_protect_log_verify_recover_with_the_runner(env, tmp_path):
     out = read_image(recovered["output"])
     assert out.shape == working.shape
     # issue 4's target for JPEG outputs (written at the original's quality, 92)
-    assert service.image_psnr(out, working) >= 38
+    assert image_psnr(out, working) >= 38
     copy = tmp_path / "copy.jpg"  # what a platform keeps: the PNG recompressed
     with Image.open(protected["park.png"]["output"]) as image:
         image.save(copy, quality=88)
@@ -200,11 +206,11 @@ def test_bad_input_gets_one_clear_line_and_exit_2(env, tmp_path, monkeypatch, ca
         args, expected = ["protect", photos / "park.png", "--strength", "max"], "--strength must be one of low, medium"
     if case == "second process":
         expected = "another agent process"
-        with open(Path(env["AGENT_HOME"]) / service.LOCK_NAME, "a+") as held:
+        with open(Path(env["AGENT_HOME"]) / service_home.LOCK_NAME, "a+") as held:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
             result = agent(env, *args, **overrides)
     elif case == "locked log":  # something other than an agent holds SQLite's write lock
-        monkeypatch.setattr(service, "DB_TIMEOUT", 0.2)
+        monkeypatch.setattr(service_home, "DB_TIMEOUT", 0.2)
         expected = "the provenance database is locked by another process"
         other = sqlite3.connect(prov.database_path(Path(env["AGENT_HOME"])), isolation_level=None)
         try:
@@ -268,7 +274,7 @@ def test_the_installed_agent_in_real_processes(tmp_path):
         out = read_image(r["output"])
         assert out.shape == working.shape
         # recovery reaches the target and undoes the protection (at least 1 dB above the protected file)
-        assert service.image_psnr(out, working) >= max(target, protected[name]["psnr"] + 1)
+        assert image_psnr(out, working) >= max(target, protected[name]["psnr"] + 1)
     assert {p: sha(p) for p in before} == before
 
 
@@ -279,17 +285,17 @@ def test_a_kill_at_any_step_of_a_protection_leaves_a_consistent_home_and_a_rerun
     photos = tmp_path / "photos"
     make_photos(photos)
     home = Path(env["AGENT_HOME"])
-    service.init_user(home, "default", PW, kdf_n=2**14)
+    init_user(home, "default", PW, kdf_n=2**14)
     crashed = subprocess.run([sys.executable, "-c", "from agent.cli import app; app()", "protect", str(photos)],
-                             env={**os.environ, **env, service.CRASH_ENV: point}, capture_output=True, text=True,
+                             env={**os.environ, **env, CRASH_ENV: point}, capture_output=True, text=True,
                              timeout=300, stdin=subprocess.DEVNULL, check=False)
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
 
     def consistent() -> set[str]:
         with sqlite3.connect(prov.database_path(home)) as db:
             assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        assert service.verify_log(home).ok
-        recorded = {r.protected_sha256 for r in service.log_records(home).records}
+        assert verify_log(home).ok
+        recorded = {r.protected_sha256 for r in log_records(home).records}
         outputs = sorted(p for p in photos.glob("*.protected.*") if not p.name.startswith("."))
         assert all(sha(output) in recorded for output in outputs), "an output without its record"
         return {output.name for output in outputs}
@@ -309,4 +315,4 @@ def test_a_kill_at_any_step_of_a_protection_leaves_a_consistent_home_and_a_rerun
     assert not [p.name for p in photos.iterdir() if p.name.startswith(".")], "a temporary file was left"
     # what the killed run had committed is finished, not protected twice
     assert rerun["park.png"]["skipped"] is (point in ("commit", "rename"))
-    assert len(service.log_records(home).records) == 3
+    assert len(log_records(home).records) == 3

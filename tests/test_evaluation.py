@@ -8,8 +8,8 @@ from conftest import single_thread
 from typer.testing import CliRunner
 
 from agent.adversaries.input_transforms import INPUT_TRANSFORMS
-from agent.cli import app
 from agent.classifiers import load_classifier
+from agent.cli import app
 from agent.data import PhotoSet, centre_crops
 from agent.evaluation import EvalOptions, Setting, evaluate_and_report, run_evaluation
 from agent.platforms import PLATFORM_TRANSFORMS

@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 
 from agent import keys as keystore
-from agent import service
-from agent.pipeline import read_image, working_copy
+
+from agent.images import image_psnr
+from agent.images import read_image
+from agent.pipeline import working_copy
+from agent.service.users import init_user
 
 from social_site import SocialSite
 
@@ -88,7 +91,7 @@ def agent(tmp_path_factory):
     original = keystore.KDF_N
     keystore.KDF_N = 2**14  # a cheap unlock; the key file records its own cost
     try:
-        service.init_user(home, passphrase=PASSPHRASE)
+        init_user(home, passphrase=PASSPHRASE)
     finally:
         keystore.KDF_N = original
     running = Agent(home)
@@ -174,7 +177,7 @@ def assert_protected_and_recoverable(agent: Agent, received: bytes, tmp_path: Pa
     recovered = read_image(out[0]["output"])
     reference = working_copy(read_image(PHOTO))
     assert recovered.shape == reference.shape
-    assert service.image_psnr(recovered, reference) >= RECOVERED_TARGET_DB
+    assert image_psnr(recovered, reference) >= RECOVERED_TARGET_DB
 
 
 def file_from_bytes(page, name: str, mime: str, data: bytes):

@@ -90,7 +90,9 @@ def test_a_job_with_two_processes_runs_under_torchrun(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from agent import finetune, jobs, models, service
+    from agent import finetune
+    from agent.service import jobs, models
+    from agent.service.users import init_user
 
     monkeypatch.setattr(finetune, "measure", lambda model, holdout, device="cpu": {
         "asr": 0.5, "psnr_adv": 33.0, "psnr_rec": 50.0, "psnr_rec_wrong_key": 33.0, "ssim_adv": 0.97})
@@ -101,7 +103,7 @@ def test_a_job_with_two_processes_runs_under_torchrun(tmp_path, monkeypatch):
     for i in range(12):
         Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
     home = tmp_path / "home"
-    service.init_user(home, "alice", "pw", kdf_n=2**14)
+    init_user(home, "alice", "pw", kdf_n=2**14)
     job = jobs.submit_finetune(home, None, [folder], epochs=1, crop=32, batch_size=4, nproc=2)
     assert jobs.run_worker(home, None, "pw", once=True) == 1
     done = jobs.show_job(home, job["id"])

@@ -1,4 +1,4 @@
-"""Background fine-tuning jobs (agent/jobs.py, agent/finetune.py): the queue, claiming, cancelling,
+"""Background fine-tuning jobs (agent/service/jobs.py, agent/finetune.py): the queue, claiming, cancelling,
 stopping and resuming, the quality gate, and the commands. Runs are tiny (12 random photos, 32-px
 crops, batches of 4) but go through the real loop, the real MobileNetV2 and the real model store."""
 
@@ -13,9 +13,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from agent import finetune, jobs, models, service
+from agent import finetune
 from agent.cli import app
 from agent.rgan import train as training
+from agent.service import jobs, models
+from agent.service.home import USER_ERRORS
+from agent.service.protect import protect_paths
+from agent.service.recover import recover_paths
+from agent.service.users import init_user
 
 PW = "correct horse"
 KDF = 2**14
@@ -44,7 +49,7 @@ def photos(tmp_path) -> Path:
 @pytest.fixture
 def home(tmp_path) -> Path:
     home = tmp_path / "home"
-    service.init_user(home, "alice", PW, kdf_n=KDF)
+    init_user(home, "alice", PW, kdf_n=KDF)
     return home
 
 
@@ -153,7 +158,7 @@ def test_a_job_stores_the_new_model_encrypted_and_activates_it_only_through_the_
         return dict(FIGURES, asr=0.5 if default else (0.6 if better else 0.4))
 
     monkeypatch.setattr(finetune, "measure", measure)
-    protected = service.protect_paths(home, None, PW, [SAMPLE], tmp_path / "before")[0]
+    protected = protect_paths(home, None, PW, [SAMPLE], tmp_path / "before")[0]
     assert protected.ok
 
     job = jobs.submit_finetune(home, None, [photos], **TINY)
@@ -172,7 +177,7 @@ def test_a_job_stores_the_new_model_encrypted_and_activates_it_only_through_the_
     assert stored["report"]["report"]["finetuned"]["asr"] == (0.6 if better else 0.4)
     # nothing in plaintext is left behind, and the photo protected before still recovers
     assert not jobs.work_dir(home, job["id"]).exists()
-    recovered = service.recover_paths(home, [protected.output], tmp_path / "after", PW)[0]
+    recovered = recover_paths(home, [protected.output], tmp_path / "after", PW)[0]
     assert recovered.ok, recovered.error
 
 
@@ -240,7 +245,7 @@ def test_a_failing_job_is_marked_failed_with_its_error(home, photos):
 
 def test_the_worker_refuses_a_wrong_passphrase_before_claiming(home, photos):
     jobs.submit_finetune(home, None, [photos], **TINY)
-    with pytest.raises(service.USER_ERRORS):
+    with pytest.raises(USER_ERRORS):
         jobs.run_worker(home, None, "wrong", once=True)
     assert [j["state"] for j in jobs.list_jobs(home)] == ["queued"]
 

@@ -7,7 +7,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from agent.rgan.keying import KEY_BYTES, PATTERN_VERSION, batch_patterns, key_pattern, random_keys
+from agent.keys import KEY_BYTES
+from agent.rgan.keying import PATTERN_VERSION, batch_patterns, key_pattern, random_keys
 
 
 def packed(pattern: torch.Tensor) -> str:

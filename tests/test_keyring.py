@@ -12,9 +12,10 @@ from keyring.errors import KeyringError, PasswordDeleteError
 from typer.testing import CliRunner
 
 from agent import keys as keystore
-from agent import service
+
 from agent.cli import app
 from agent.keys import KeyStoreError
+from agent.service.users import change_passphrase, init_user, remove_user, rotate_key
 
 PW = "correct horse"
 KDF = 2**14
@@ -58,7 +59,7 @@ def memory():
 @pytest.fixture
 def home(tmp_path):
     home = tmp_path / "home"
-    service.init_user(home, "alice", PW, kdf_n=KDF)
+    init_user(home, "alice", PW, kdf_n=KDF)
     return home
 
 
@@ -85,7 +86,7 @@ def test_remember_recall_forget(memory, home, tmp_path):
     [(service_name, username)] = memory.secrets
     assert service_name == "rgan-agent" and username == f"alice@{store(home).resolve()}"
     other = tmp_path / "other"  # another home's user of the same name is another entry
-    service.init_user(other, "alice", "other words", kdf_n=KDF)
+    init_user(other, "alice", "other words", kdf_n=KDF)
     assert keystore.recall_passphrase(store(other), "alice") is None
     assert keystore.forget_passphrase(store(home), "alice") is True
     assert keystore.forget_passphrase(store(home), "alice") is False
@@ -94,11 +95,11 @@ def test_remember_recall_forget(memory, home, tmp_path):
 
 def test_a_stored_passphrase_follows_the_key_file(memory, home):
     keystore.remember_passphrase(store(home), "alice", PW)
-    service.rotate_key(home, "alice", PW)
+    rotate_key(home, "alice", PW)
     assert keystore.recall_passphrase(store(home), "alice") == PW
-    service.change_passphrase(home, "alice", PW, "new words")
+    change_passphrase(home, "alice", PW, "new words")
     assert keystore.recall_passphrase(store(home), "alice") == "new words"
-    service.remove_user(home, "alice", "new words")
+    remove_user(home, "alice", "new words")
     assert memory.secrets == {}
 
 
@@ -109,7 +110,7 @@ def test_keyring_errors_are_clear(home):
         with pytest.raises(KeyStoreError, match="cannot read the OS keyring: the keychain is locked"):
             keystore.recall_passphrase(store(home), "alice")
         with pytest.raises(KeyStoreError, match="was written, but cannot read the OS keyring.*keys forget"):
-            service.rotate_key(home, "alice", PW)
+            rotate_key(home, "alice", PW)
     finally:
         keyring.set_keyring(previous)
 

@@ -515,29 +515,6 @@ def test_decrypt_data_detects_tampering():
 # ---------------------------------------------------------------- locations and passphrases
 
 
-def test_agent_home_honours_agent_home(monkeypatch, tmp_path):
-    monkeypatch.setenv("AGENT_HOME", str(tmp_path / "home"))
-    assert K.agent_home() == tmp_path / "home"
-    assert K.key_store(K.agent_home()) == tmp_path / "home" / "keys"
-
-
-@pytest.mark.parametrize("platform, env, expected", [
-    ("linux", {}, "~/.local/share/rgan-agent"),
-    ("linux", {"XDG_DATA_HOME": "/data/x"}, "/data/x/rgan-agent"),
-    ("linux", {"XDG_DATA_HOME": "relative"}, "~/.local/share/rgan-agent"),
-    ("darwin", {}, "~/Library/Application Support/rgan-agent"),
-    ("win32", {"APPDATA": "/c/Users/a/AppData/Roaming"}, "/c/Users/a/AppData/Roaming/rgan-agent"),
-])
-def test_agent_home_platform_defaults(monkeypatch, tmp_path, platform, env, expected):
-    monkeypatch.delenv("AGENT_HOME", raising=False)
-    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(sys, "platform", platform)
-    assert K.agent_home() == Path(expected.replace("~", str(tmp_path)))
-
-
 def test_passphrase_from_env_or_file(monkeypatch, tmp_path):
     monkeypatch.delenv("AGENT_PASSPHRASE", raising=False)
     assert K.passphrase_from_env_or_file(None) is None

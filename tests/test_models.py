@@ -1,4 +1,4 @@
-"""Models per user (agent/models.py): import, list, use, export; encryption at rest with the
+"""Models per user (agent/service/models.py): import, list, use, export; encryption at rest with the
 user's data key; loading for protection and recovery; refusal of anything but a keyed model file;
 and the `agent models` commands through typer's runner."""
 
@@ -13,15 +13,24 @@ import pytest
 import torch
 from conftest import SAMPLE
 from PIL import Image
+from sqlalchemy import select
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from agent import keys as keystore
-from agent import models, pipeline, service
+from agent import images, pipeline
+from agent import provenance as prov
 from agent.cli import app
+from agent.images import image_psnr
 from agent.pipeline import DEFAULT_MODEL_PATH
-from agent.service import ServiceError
+from agent.service import models
+from agent.service.home import ServiceError, database, logged_user
+from agent.service.models import DEFAULT_MODEL_NAME
+from agent.service.protect import protect_paths
+from agent.service.recover import recover_paths
+from agent.service.users import add_user, init_user
+
 
 CIFAR_MODEL = DEFAULT_MODEL_PATH.parent / "cifar10-rgan.safetensors"
 PW = "correct horse"
@@ -52,8 +61,8 @@ def nudge(tensors: dict, factor: float = 1.001) -> None:
 @pytest.fixture
 def home(tmp_path):
     home = tmp_path / "home"
-    service.init_user(home, "alice", PW, kdf_n=KDF)
-    service.add_user(home, "bob", "bob's words", kdf_n=KDF)
+    init_user(home, "alice", PW, kdf_n=KDF)
+    add_user(home, "bob", "bob's words", kdf_n=KDF)
     return home
 
 
@@ -67,9 +76,9 @@ def alice(home: Path) -> keystore.UserKeys:
 
 
 def model_row(home: Path, user: str, sha256: str):
-    with service._database(home) as factory, factory() as session:
-        user_row = models._user_row(session, user)
-        return next(row for row in models._models_of(session, user_row) if row.sha256 == sha256)
+    with database(home) as factory, factory() as session:
+        owner = logged_user(session, user)
+        return session.scalar(select(prov.ModelRow).where(prov.ModelRow.user_id == owner.id, prov.ModelRow.sha256 == sha256))
 
 
 def table(home: Path, user: str = "alice") -> list[tuple[str, bool]]:
@@ -90,7 +99,7 @@ def test_import_list_use_and_the_active_model_protects(home, mine):
     assert models.use_model(home, "alice", "mine")["sha256"] == info["sha256"]
     assert table(home) == [("default", False), ("mine", True)]
     assert table(home, "bob") == [("default", True)]
-    with service._database(home) as factory, factory.begin() as session:
+    with database(home) as factory, factory.begin() as session:
         row, model = models.active_model(session, home, alice(home))
     assert row.sha256 == info["sha256"] and row.encrypted
     weights = load_file(str(mine))
@@ -101,14 +110,14 @@ def test_import_list_use_and_the_active_model_protects(home, mine):
         pixels = np.asarray(image.convert("RGB").crop((0, 0, 96, 64)))
     key = alice(home).active_rgan_key.key
     protected, protect_info = pipeline.protect(pixels, key, model=model)
-    with service._database(home) as factory, factory() as session:
+    with database(home) as factory, factory() as session:
         same = models.model_with_sha256(session, home, alice(home), info["sha256"])
     recovered = pipeline.recover(protected, key, protect_info, model=same)
-    assert service.image_psnr(recovered, pixels) > service.image_psnr(protected, pixels) + 5
+    assert image_psnr(recovered, pixels) > image_psnr(protected, pixels) + 5
 
     by_prefix = models.use_model(home, "alice", "default")
     assert by_prefix["name"] == "default" and table(home) == [("default", True), ("mine", False)]
-    with service._database(home) as factory, factory.begin() as session:
+    with database(home) as factory, factory.begin() as session:
         row, model = models.active_model(session, home, alice(home))
     assert row.user_id is None and model is pipeline.default_model()
     models.use_model(home, "alice", info["sha256"][:8])
@@ -151,7 +160,7 @@ def test_the_stored_file_is_encrypted_private_and_bound_to_its_user_and_row(home
         models.load_model(home, bob, row)
     (home / "models" / "bob").mkdir()
     shutil.copy(stored, home / "models" / "bob" / stored.name)  # even moved into bob's folder
-    row.file = models._file_name("bob", row.sha256)
+    row.file = f"bob/{stored.name}"
     with pytest.raises(ServiceError, match="does not decrypt with user 'bob'"):
         models.load_model(home, bob, row)
 
@@ -168,7 +177,7 @@ def test_the_stored_file_is_encrypted_private_and_bound_to_its_user_and_row(home
     with pytest.raises(ServiceError, match="modified"):
         models.load_model(home, alice(home), row)
     models.use_model(home, "alice", "mine")
-    with service._database(home) as factory, factory.begin() as session, pytest.raises(ServiceError, match="modified"):
+    with database(home) as factory, factory.begin() as session, pytest.raises(ServiceError, match="modified"):
         models.active_model(session, home, alice(home))
     stored.unlink()
     with pytest.raises(ServiceError, match="is missing.*import the model again"):
@@ -240,7 +249,7 @@ def test_export_round_trips_byte_exact_and_never_overwrites_by_accident(home, mi
 def test_recovery_finds_the_model_by_sha256_whichever_is_active(home, mine):
     info = models.import_model(home, "alice", PW, mine)
     keys = alice(home)
-    with service._database(home) as factory, factory() as session:
+    with database(home) as factory, factory() as session:
         assert models.model_with_sha256(session, home, keys, sha(DEFAULT_MODEL_PATH.read_bytes())) \
             is pipeline.default_model()
         assert models.model_with_sha256(session, home, keys, info["sha256"]) is not None
@@ -250,10 +259,10 @@ def test_recovery_finds_the_model_by_sha256_whichever_is_active(home, mine):
 
 
 def test_a_new_shipped_model_gets_its_row_when_it_first_protects(home, monkeypatch):
-    monkeypatch.setattr(service, "_default_model_sha256", lambda: "ab" * 32)  # an upgraded agent's
-    with service._database(home) as factory, factory.begin() as session:
+    monkeypatch.setattr(models, "default_model_sha256", lambda: "ab" * 32)  # an upgraded agent's
+    with database(home) as factory, factory.begin() as session:
         row, model = models.active_model(session, home, alice(home))
-    assert (row.sha256, row.user_id, row.name) == ("ab" * 32, None, service.DEFAULT_MODEL_NAME)
+    assert (row.sha256, row.user_id, row.name) == ("ab" * 32, None, DEFAULT_MODEL_NAME)
     assert model is pipeline.default_model()
 
 
@@ -306,18 +315,18 @@ def test_protection_uses_the_active_model_and_recovery_the_one_that_protected(ho
     models.use_model(home, "alice", "variant")
     photo = tmp_path / "photo.png"
     Image.open(SAMPLE).convert("RGB").crop((0, 0, 160, 120)).save(photo)
-    [done] = service.protect_paths(home, "alice", PW, [photo], tmp_path / "out")
+    [done] = protect_paths(home, "alice", PW, [photo], tmp_path / "out")
     assert done.ok
-    with service._database(home) as factory, factory() as session:
-        [record] = service.prov.list_records(session)
+    with database(home) as factory, factory() as session:
+        [record] = prov.list_records(session)
     assert record.model_sha256 == sha(variant.read_bytes())
     assert record.params["model"] == "variant"
 
     models.use_model(home, "alice", "default")
-    [back] = service.recover_paths(home, [done.output], tmp_path / "rec", PW)
+    [back] = recover_paths(home, [done.output], tmp_path / "rec", PW)
     assert back.ok
-    recovered = pipeline.read_image(back.output)
-    protected = pipeline.read_image(done.output)
+    recovered = images.read_image(back.output)
+    protected = images.read_image(done.output)
     key = alice(home).active_rgan_key.key
     info = pipeline.ProtectInfo.from_dict(record.params["protect_info"])
     assert np.array_equal(recovered, pipeline.recover(protected, key, info, variant_model))

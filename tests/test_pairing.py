@@ -1,4 +1,4 @@
-"""Pairing (agent/pairing.py): one-time codes, tokens bound to an extension origin, revocation,
+"""Pairing (agent/service/pairing.py): one-time codes, tokens bound to an extension origin, revocation,
 the brute-force guard; and the `agent pair` command."""
 
 import hashlib
@@ -9,10 +9,12 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from agent import pairing, service
 from agent import provenance as prov
 from agent.cli import app
-from agent.pairing import FailureGuard, PairingError
+from agent.service import pairing
+from agent.service.home import resolve_user
+from agent.service.pairing import FailureGuard, PairingError
+from agent.service.users import add_user, init_user, list_users
 
 PW = "correct horse"
 KDF = 2**14  # the store's minimum: fast unlocks in tests
@@ -24,7 +26,7 @@ T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 @pytest.fixture
 def home(tmp_path):
     home = tmp_path / "home"
-    service.init_user(home, "alice", PW, kdf_n=KDF)
+    init_user(home, "alice", PW, kdf_n=KDF)
     return home
 
 
@@ -82,7 +84,7 @@ def test_codes_need_a_user_of_the_log_and_belong_to_that_user(home, factory):
     with pytest.raises(PairingError, match="'carol' is not in the provenance log") as caught:
         pairing.create_code(factory, "carol")
     assert caught.value.reason == "unknown_user"
-    service.add_user(home, "bob", "bob's words", kdf_n=KDF)
+    add_user(home, "bob", "bob's words", kdf_n=KDF)
     code = pairing.create_code(factory, "bob")
     with pytest.raises(PairingError):  # alice's service does not redeem bob's code
         pairing.redeem_code(factory, code.code, CHROME, user="alice", guard=FailureGuard())
@@ -166,7 +168,7 @@ def test_last_used_is_written_at_most_once_a_minute(factory):
 
 
 def test_list_and_paired_origins(home, factory):
-    service.add_user(home, "bob", "bob's words", kdf_n=KDF)
+    add_user(home, "bob", "bob's words", kdf_n=KDF)
     first = paired(factory, CHROME, now=T0)
     second = paired(factory, FIREFOX, now=T0 + timedelta(seconds=1))
     paired(factory, CHROME, user="bob", now=T0 + timedelta(seconds=2))
@@ -233,7 +235,7 @@ def test_agent_serve_on_a_fresh_machine_creates_the_first_user_then_serves(tmp_p
     served = {}
 
     def serve(home, user, passphrase, **options):
-        name = service.resolve_user(home, user)
+        name = resolve_user(home, user)
         served.update(home=home, user=name, unlocks=keystore.unlock(keystore.key_store(home), name, passphrase).user)
 
     monkeypatch.setattr(server, "serve", serve)
@@ -243,7 +245,7 @@ def test_agent_serve_on_a_fresh_machine_creates_the_first_user_then_serves(tmp_p
     assert done.exit_code == 0, done.output
     assert "creating user 'default'" in done.output
     assert served == {"home": home, "user": "default", "unlocks": "default"}
-    assert [u["user"] for u in service.list_users(home)] == ["default"]
+    assert [u["user"] for u in list_users(home)] == ["default"]
     # a second start serves the user that exists, creating nobody
     done = CliRunner().invoke(app, ["serve"], env={"AGENT_HOME": str(home), "AGENT_PASSPHRASE": PW})
     assert done.exit_code == 0 and "creating" not in done.output

@@ -14,8 +14,8 @@ import torch
 from conftest import SAMPLE
 from PIL import Image
 
-from agent import pipeline, selfcheck
 from agent import coupling as coupling_module
+from agent import images, pipeline, selfcheck
 from agent.coupling import Coupling, bands, estimate, field_part, headroom
 from agent.jpeg import Quantization
 from agent.pipeline import ProtectInfo, ProtectOptions, protect, protect_rgan, recover
@@ -218,15 +218,15 @@ def test_recovery_is_the_same_whatever_the_thread_count(protected_sample):
 def test_recovery_in_a_fresh_process_matches(protected_sample, tmp_path):
     """Another process (one thread) recomputes the same field from the same PNG."""
     original, protected, info = protected_sample
-    pipeline.write_image(protected, tmp_path / "p.png")
+    images.write_image(protected, tmp_path / "p.png")
     (tmp_path / "info.json").write_text(__import__("json").dumps(info.to_dict()))
     script = ("import json, sys, numpy as np, torch; torch.set_num_threads(1)\n"
-              "from agent.pipeline import ProtectInfo, read_image, recover, write_image\n"
+              "from agent.images import read_image, write_image\nfrom agent.pipeline import ProtectInfo, recover\n"
               f"p = read_image({str(tmp_path / 'p.png')!r}); i = ProtectInfo.from_dict(json.load(open({str(tmp_path / 'info.json')!r})))\n"
               f"write_image(recover(p, bytes(range(32)), i), {str(tmp_path / 'r.png')!r})\n")
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)
     clipped = info.recovery.clipped_at
-    recovered = pipeline.read_image(tmp_path / "r.png")
+    recovered = images.read_image(tmp_path / "r.png")
     keep = np.ones(original.size, bool)
     keep[clipped] = False
     assert np.array_equal(recovered.reshape(-1)[keep], original.reshape(-1)[keep])
@@ -292,8 +292,8 @@ def test_a_jpeg_copy_recovers_with_the_record(protected_sample):
     copy = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
     with_record = recover(copy, KEY, info, recovery=info.recovery, copy=True)
     assert psnr(with_record, original) > psnr(copy, original) + 0.5
-    own = pipeline.encode_image(protected, "JPEG", quality=95)
-    decoded = pipeline.decode_image(own)
+    own = images.encode_image(protected, "JPEG", quality=95)
+    decoded = images.decode_image(own)
     tables = recover(decoded, KEY, info, recovery=info.recovery, jpeg=Quantization.read(own))
     assert psnr(tables, original) > psnr(decoded, original) + 2
 

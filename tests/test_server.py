@@ -30,10 +30,17 @@ from conftest import SAMPLE
 from PIL import Image
 
 from agent import keys as keystore
-from agent import pairing, service
 from agent import provenance as prov
-from agent.pairing import FailureGuard
+from agent import server
+from agent.pipeline import DEFAULT_MODEL_PATH
 from agent.server import STATE, ServerOptions, TokenBucket, WaitingLine, make_app, resolve_port, runner_settings
+from agent.service import pairing
+from agent.service.home import ServiceError, home_lock
+from agent.service.log import verify_log
+from agent.service.pairing import FailureGuard
+from agent.service.protect import protect_bytes
+from agent.service.recover import recover_paths
+from agent.service.users import add_user, init_user
 
 PW = "correct horse"
 KDF = 2**14  # the store's minimum: fast unlocks in tests
@@ -60,7 +67,7 @@ def decoded(data: bytes) -> Image.Image:
 @pytest.fixture
 def home(tmp_path):
     home = tmp_path / "home"
-    service.init_user(home, "alice", PW, kdf_n=KDF)
+    init_user(home, "alice", PW, kdf_n=KDF)
     return home
 
 
@@ -110,7 +117,7 @@ async def problem(response, status: int, code: str) -> str:
 async def test_status_shows_the_active_model_and_fine_tuning_progress(serve, home, tmp_path):
     from PIL import Image
 
-    from agent import jobs
+    from agent.service import jobs
 
     photos = tmp_path / "mine"
     photos.mkdir()
@@ -131,7 +138,7 @@ async def test_status_says_who_and_what_without_secrets(serve, factory):
     assert response.status == 200
     body = await response.json()
     assert body["user"] == "alice" and body["unlocked"] is True and body["api"] == 1
-    assert body["model"] == {"name": "default", "sha256": prov.file_sha256(service.DEFAULT_MODEL_PATH)}
+    assert body["model"] == {"name": "default", "sha256": prov.file_sha256(DEFAULT_MODEL_PATH)}
     assert body["jobs"] == []
     assert body["strengths"] == ["low", "medium", "high"] and body["default_strength"] == "medium"
     text = json.dumps(body)
@@ -277,7 +284,7 @@ async def test_every_endpoint_but_status_and_pair_needs_a_live_token_of_this_use
     # no Origin at all: not a web page (a page cannot send the token without CORS saying its origin)
     assert (await client.get("/v1/records", headers=auth(token, None))).status == 200
     # another user's token does not open this user's service
-    service.add_user(home, "bob", "bob's words", kdf_n=KDF)
+    add_user(home, "bob", "bob's words", kdf_n=KDF)
     await problem(await client.get("/v1/records", headers=auth(token_for(factory, CHROME, "bob"))), 401,
                   "token_invalid")
     # revoked: refused at once
@@ -317,7 +324,7 @@ async def test_protect_a_raw_png_returns_a_png_and_logs_a_signed_record(serve, f
     assert record.id == record_id and record.source == "extension"
     assert record.file_name == "café photo.png" and record.site == "https://social.example"
     assert record.protected_sha256 == hashlib.sha256(data).hexdigest()
-    assert service.verify_log(home).ok
+    assert verify_log(home).ok
 
 
 @aio
@@ -517,14 +524,14 @@ def test_token_bucket_refills_at_its_rate():
 def blocked(monkeypatch):
     """protect_bytes held until `release` is set (the real one runs then): a slow inference."""
     release, entered = threading.Event(), threading.Event()
-    real = service.protect_bytes
+    real = protect_bytes
 
     def slow(*args, **kwargs):
         entered.set()
         assert release.wait(30)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(service, "protect_bytes", slow)
+    monkeypatch.setattr(server, "protect_bytes", slow)
     yield release, entered
     release.set()
 
@@ -572,7 +579,7 @@ async def test_clients_that_honour_retry_after_are_served_in_turn(serve, factory
         time.sleep(0.03)
         return SimpleNamespace(data=photo(), format="PNG", record_id="r")
 
-    monkeypatch.setattr(service, "protect_bytes", quick)
+    monkeypatch.setattr(server, "protect_bytes", quick)
     client = await serve(workers=1, queue=2, rate=1000.0, burst=1000)
     latencies, turned_away = [], 0
 
@@ -606,7 +613,7 @@ async def test_clients_that_honour_retry_after_are_served_in_turn(serve, factory
 async def test_another_agent_writing_answers_503(serve, factory, home):
     client = await serve()
     headers = auth(token_for(factory), **{"Content-Type": "image/png"})
-    with service.home_lock(home):  # as a batch of `agent protect` in another process holds it
+    with home_lock(home):  # as a batch of `agent protect` in another process holds it
         response = await client.post("/v1/protect", data=photo(), headers=headers)
     await problem(response, 503, "busy")
     assert response.headers["Retry-After"] == "1"
@@ -622,9 +629,9 @@ async def test_records_are_the_users_own_newest_first_paged_and_decrypted(serve,
         response = await client.post("/v1/protect", data=photo(size=(40 + 8 * n, 32)), headers=auth(
             token, **{"Content-Type": "image/png", "X-File-Name": f"p{n}.png"}))
         assert response.status == 200
-    service.add_user(home, "bob", "bob's words", kdf_n=KDF)
+    add_user(home, "bob", "bob's words", kdf_n=KDF)
     bob = keystore.unlock(keystore.key_store(home), "bob", "bob's words")
-    service.protect_bytes(home, bob, photo(), file_name="bobs.png")
+    protect_bytes(home, bob, photo(), file_name="bobs.png")
 
     response = await client.get("/v1/records?limit=2", headers=auth(token))
     assert response.status == 200
@@ -755,7 +762,7 @@ def test_resolve_port(monkeypatch):
     assert resolve_port() == 5001 and resolve_port(5002) == 5002
     for bad in ("http", "-1", "70000"):
         monkeypatch.setenv("AGENT_PORT", bad)
-        with pytest.raises(service.ServiceError, match="port"):
+        with pytest.raises(ServiceError, match="port"):
             resolve_port()
     with pytest.raises(ValueError, match="workers"):
         ServerOptions(workers=0)
@@ -820,7 +827,7 @@ def ipv6_loopback() -> bool:
 
 def test_agent_serve_process_over_http_then_sigterm(tmp_path):
     home = tmp_path / "home"
-    service.init_user(home, "default", PW, kdf_n=KDF)
+    init_user(home, "default", PW, kdf_n=KDF)
     port = free_port()
     log_path = tmp_path / "serve.log"
     env = {**os.environ, "AGENT_HOME": str(home), "AGENT_PASSPHRASE": PW, "AGENT_PORT": str(port)}
@@ -860,7 +867,7 @@ def test_agent_serve_process_over_http_then_sigterm(tmp_path):
         # what the extension protected, the key holder's CLI recovers
         protected = tmp_path / "street.protected.jpg"
         protected.write_bytes(body)
-        [recovered] = service.recover_paths(home, [protected], tmp_path / "out", PW)
+        [recovered] = recover_paths(home, [protected], tmp_path / "out", PW)
         assert recovered.ok and recovered.record_id == record["id"]
     finally:
         process.send_signal(signal.SIGTERM)

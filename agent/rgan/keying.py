@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-KEY_BYTES = 32
+from ..keys import KEY_BYTES, check_key
+
 PATTERN_VERSION = 1
 PATTERN_CHANNELS = 3
 if TYPE_CHECKING:
@@ -28,12 +29,6 @@ if TYPE_CHECKING:
 
 _HKDF_INFO = b"rgan-agent key pattern v1"
 _NONCE = bytes(16)  # cryptography's ChaCha20 nonce: 4-byte counter + 12-byte nonce, all zero
-
-
-def check_key(key: bytes) -> bytes:
-    if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
-        raise ValueError(f"an RGAN key is {KEY_BYTES} bytes (256 bits)")
-    return bytes(key)
 
 
 def keystream(key: bytes, length: int, info: bytes = _HKDF_INFO) -> bytes:

@@ -1,4 +1,4 @@
-"""Background jobs: a user's fine-tuning runs, queued, running and finished (agent/jobs.py).
+"""Background jobs: a user's fine-tuning runs, queued, running and finished (agent/service/jobs.py).
 
 Revision ID: 0003
 Revises: 0002

@@ -35,9 +35,9 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import provenance as prov
-from . import service
-from .provenance import PairingCodeRow, TokenRow, UserRow
+from .. import provenance as prov
+from ..provenance import PairingCodeRow, TokenRow, UserRow
+from .home import ServiceError, database, resolve_user, unlock
 
 # no 0/O, 1/I/L: what is read off a terminal and typed into a browser must survive both
 CODE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
@@ -57,7 +57,7 @@ _EXTENSION_ORIGIN = re.compile(
 _TOKEN_ID = re.compile(f"[0-9a-f]{{{TOKEN_ID_HEX}}}")
 
 
-class PairingError(service.ServiceError):
+class PairingError(ServiceError):
     """A pairing or token problem. `reason`: unknown_user, bad_origin, bad_label, bad_code,
     codes_invalidated, bad_token, revoked, wrong_origin, unknown_token."""
 
@@ -161,9 +161,9 @@ def create_code(factory: sessionmaker[Session], user: str, *, ttl: timedelta = C
         user_id = session.scalar(select(UserRow.id).where(UserRow.name == user))
         if user_id is None:
             raise PairingError(f"user {user!r} is not in the provenance log: run `agent init` first", "unknown_user")
-        session.execute(delete(PairingCodeRow).where(PairingCodeRow.expires <= prov._time_text(moment)))
-        expires = prov._time_text(moment + ttl)
-        session.add(PairingCodeRow(user_id=user_id, code_hash=_digest(code), created=prov._time_text(moment),
+        session.execute(delete(PairingCodeRow).where(PairingCodeRow.expires <= prov.time_text(moment)))
+        expires = prov.time_text(moment + ttl)
+        session.add(PairingCodeRow(user_id=user_id, code_hash=_digest(code), created=prov.time_text(moment),
                                    expires=expires))
     half = CODE_LENGTH // 2
     return PairingCode(f"{code[:half]}-{code[half:]}", user, expires)
@@ -183,7 +183,7 @@ def redeem_code(factory: sessionmaker[Session], code: str, origin: str, *, user:
     with factory.begin() as session:
         _write(session)
         rows = session.execute(select(PairingCodeRow, UserRow.name).join(UserRow, PairingCodeRow.user_id == UserRow.id)
-                               .where(PairingCodeRow.expires > prov._time_text(moment))).all()
+                               .where(PairingCodeRow.expires > prov.time_text(moment))).all()
         found = None
         for row, owner in rows:  # every one compared, so the time taken says nothing about which
             if hmac.compare_digest(row.code_hash, digest) and owner == user:
@@ -197,7 +197,7 @@ def redeem_code(factory: sessionmaker[Session], code: str, origin: str, *, user:
             token_id = secrets.token_hex(TOKEN_ID_HEX // 2)
             token = f"{token_id}.{secrets.token_urlsafe(32)}"
             row = TokenRow(id=token_id, user_id=found.user_id, token_hash=_digest(token), origin=origin,
-                           label=label, created=prov._time_text(moment), last_used=None, revoked=None)
+                           label=label, created=prov.time_text(moment), last_used=None, revoked=None)
             session.add(row)
             return IssuedToken(token, _info(row, user))
     if invalidated:
@@ -227,8 +227,8 @@ def verify_token(factory: sessionmaker[Session], token: str, origin: str | None,
     if origin is not None and origin != row.origin:
         raise PairingError(f"token {row.id} was paired with another extension; this one must pair itself",
                            "wrong_origin")
-    if row.last_used is None or row.last_used <= prov._time_text(moment - LAST_USED_EVERY):
-        row.last_used = prov._time_text(moment)
+    if row.last_used is None or row.last_used <= prov.time_text(moment - LAST_USED_EVERY):
+        row.last_used = prov.time_text(moment)
         with factory.begin() as session:  # a write transaction of its own, begun with the write lock
             _write(session)
             session.execute(update(TokenRow).where(TokenRow.id == row.id).values(last_used=row.last_used))
@@ -264,7 +264,7 @@ def revoke_token(factory: sessionmaker[Session], token_id: str, *, now: datetime
             raise PairingError(f"no token {token_id!r}: `agent pair --list` shows the ids", "unknown_token")
         row, user = found
         if row.revoked is None:
-            row.revoked = prov._time_text(moment)
+            row.revoked = prov.time_text(moment)
         return _info(row, user)
 
 
@@ -274,19 +274,19 @@ def create_code_for(home: Path, user: str | None, passphrase: str) -> PairingCod
     """A code for `user` (resolved as the CLI does). The passphrase is checked first: a token lets
     an extension use the user's unlocked key and read their decrypted log, so handing one out asks
     for what unlocking asks for."""
-    user = service.resolve_user(home, user)
-    service._unlock(home, user, passphrase)
-    with service._database(home) as factory:
+    user = resolve_user(home, user)
+    unlock(home, user, passphrase)
+    with database(home) as factory:
         return create_code(factory, user)
 
 
 def tokens_of(home: Path, user: str | None = None) -> list[TokenInfo]:
-    with service._database(home) as factory:
+    with database(home) as factory:
         return list_tokens(factory, user)
 
 
 def revoke(home: Path, token_id: str) -> TokenInfo:
-    with service._database(home) as factory:
+    with database(home) as factory:
         return revoke_token(factory, token_id)
 
 

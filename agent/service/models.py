@@ -17,8 +17,8 @@ Only safetensors model files are ever read, from bytes in memory: the decrypted 
 the disk, and a pickle (a PyTorch `.pt`/`.pth` file, which can run code when loaded) is refused
 before anything is parsed.
 
-Like `service`, every function takes `home` explicitly, and every error a user can act on is a
-`service.ServiceError`, `keys.KeyStoreError` or `provenance.ProvenanceError`.
+Like the rest of the service, every function takes `home` explicitly, and every error a user can
+act on is one of `home.USER_ERRORS`.
 """
 
 from __future__ import annotations
@@ -33,17 +33,17 @@ from typing import Any
 
 from sqlalchemy import select
 
-from . import keys as keystore
-from . import pipeline
-from . import provenance as prov
-# `service` is used by attribute at call time only (never while this module initialises), so the
-# service layer may import this module at its own top level: the two are one layer
-from . import service
-from .keys import KeyStoreError, UserKeys
-from .rgan.model import RGAN, ModelFileError
-from .rgan.model import model_from_bytes as rgan_model_from_bytes
+from .. import keys as keystore
+from .. import pipeline
+from .. import provenance as prov
+from ..keys import KeyStoreError, UserKeys
+from ..pipeline import DEFAULT_MODEL_PATH
+from ..rgan.model import RGAN, ModelFileError
+from ..rgan.model import model_from_bytes as rgan_model_from_bytes
+from .home import DB_TIMEOUT, ServiceError, database, home_lock, logged_user, resolve_user, unlock, write_output
 
 DEFAULT = "default"
+DEFAULT_MODEL_NAME = DEFAULT_MODEL_PATH.name
 MODELS_DIR = "models"
 # A photo model is under a megabyte; this only stops a wrong file from being read into memory whole.
 MAX_MODEL_BYTES = 256 * 2**20
@@ -52,6 +52,18 @@ MAX_NAME = 64
 MIN_SHA_PREFIX = 4
 _AAD_LABEL = b"rgan-agent/model v1"
 _HEX_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_SHA_PREFIX},64}}")
+
+
+def default_model_sha256() -> str:
+    """The SHA-256 of the shipped photo model's file, as records name it."""
+    if not DEFAULT_MODEL_PATH.is_file():
+        raise ServiceError(f"the default photo model {DEFAULT_MODEL_PATH} is not installed; reinstall the agent")
+    return prov.file_sha256(DEFAULT_MODEL_PATH)
+
+
+def register_default_model(session) -> prov.ModelRow:
+    """The shipped model's row in the models table, added if this agent ships a new one."""
+    return prov.register_model(session, DEFAULT_MODEL_NAME, default_model_sha256())
 
 
 def models_dir(home: Path) -> Path:
@@ -63,18 +75,18 @@ def models_dir(home: Path) -> Path:
 def list_models(home: Path, user: str | None = None) -> list[dict[str, Any]]:
     """The shipped default and the user's own models, oldest first, with which one is active."""
     home = Path(home)
-    user = service.resolve_user(home, user)
-    default_sha = service._default_model_sha256()
-    with service._database(home) as factory, factory() as session:
-        user_row = _user_row(session, user)
+    user = resolve_user(home, user)
+    default_sha = default_model_sha256()
+    with database(home) as factory, factory() as session:
+        user_row = logged_user(session, user)
         default_row = _shipped_row(session, default_sha)
         rows = _models_of(session, user_row)
     active_id = user_row.active_model_id
     default = {
         "name": DEFAULT, "sha256": default_sha, "owner": None, "active": active_id is None,
         "encrypted": False, "created": None if default_row is None else default_row.created,
-        "size": pipeline.DEFAULT_MODEL_PATH.stat().st_size, "file": str(pipeline.DEFAULT_MODEL_PATH),
-        **_report(model_from_bytes(pipeline.DEFAULT_MODEL_PATH.read_bytes(), "the shipped model")[1]),
+        "size": DEFAULT_MODEL_PATH.stat().st_size, "file": str(DEFAULT_MODEL_PATH),
+        **_report(model_from_bytes(DEFAULT_MODEL_PATH.read_bytes(), "the shipped model")[1]),
     }
     return [default] + [_describe(home, user, row, row.id == active_id) for row in rows]
 
@@ -85,16 +97,16 @@ def import_model(home: Path, user: str | None, passphrase: str, src: Path, name:
     existing model back (`imported` False); another model under a name the user already has is
     refused. `name` defaults to the file's stem."""
     home, src = Path(home), Path(src)
-    user = service.resolve_user(home, user)
+    user = resolve_user(home, user)
     name = _check_name(src.stem if name is None else name)
     data = _read_model_file(src)
     _, extra = model_from_bytes(data, str(src))
     sha = hashlib.sha256(data).hexdigest()
-    keys = service._unlock(home, user, passphrase)
+    keys = unlock(home, user, passphrase)
     written: Path | None = None
-    with service.home_lock(home), service._database(home, create=True) as factory:
+    with home_lock(home), database(home, create=True) as factory:
         try:
-            with prov._translate_errors("importing a model", service.DB_TIMEOUT), factory.begin() as session:
+            with prov.translate_errors("importing a model", DB_TIMEOUT), factory.begin() as session:
                 user_row = prov.register_user(session, keys)
                 owned = _models_of(session, user_row)
                 existing = next((row for row in owned if row.sha256 == sha), None)
@@ -103,7 +115,7 @@ def import_model(home: Path, user: str | None, passphrase: str, src: Path, name:
                             "imported": False}
                 clash = next((row for row in owned if row.name == name), None)
                 if clash is not None:
-                    raise service.ServiceError(f"user {user!r} already has another model named {name!r} (SHA-256 "
+                    raise ServiceError(f"user {user!r} already has another model named {name!r} (SHA-256 "
                                                f"{clash.sha256[:16]}…); choose another name with --name")
                 row = prov.register_model(session, name, sha, user=keys, encrypted=True)
                 row.file = _file_name(user, sha)
@@ -121,13 +133,13 @@ def use_model(home: Path, user: str | None, which: str) -> dict[str, Any]:
     """Makes `which` (a model's name, the start of its SHA-256, or `default`) the model the user
     protects with. Images protected before keep recovering with the model that protected them."""
     home = Path(home)
-    user = service.resolve_user(home, user)
-    with service.home_lock(home), service._database(home) as factory:
-        with prov._translate_errors("choosing a model", service.DB_TIMEOUT), factory.begin() as session:
-            user_row = _user_row(session, user)
+    user = resolve_user(home, user)
+    with home_lock(home), database(home) as factory:
+        with prov.translate_errors("choosing a model", DB_TIMEOUT), factory.begin() as session:
+            user_row = logged_user(session, user)
             row = _resolve(session, user_row, which)
             user_row.active_model_id = None if row is None else row.id
-    chosen = {"name": DEFAULT, "sha256": service._default_model_sha256()} if row is None else \
+    chosen = {"name": DEFAULT, "sha256": default_model_sha256()} if row is None else \
         {"name": row.name, "sha256": row.sha256}
     return {"user": user, **chosen}
 
@@ -137,15 +149,15 @@ def export_model(home: Path, user: str | None, passphrase: str, which: str, dst:
     """Writes the plaintext model file `which` (see `use_model`) to `dst`, atomically; an existing
     `dst` is refused unless `overwrite`. The file is what was imported, byte for byte."""
     home, dst = Path(home), Path(dst)
-    user = service.resolve_user(home, user)
-    keys = service._unlock(home, user, passphrase)
-    with service._database(home) as factory, factory() as session:
-        row = _resolve(session, _user_row(session, user), which)
+    user = resolve_user(home, user)
+    keys = unlock(home, user, passphrase)
+    with database(home) as factory, factory() as session:
+        row = _resolve(session, logged_user(session, user), which)
     if row is None:
-        data, name, sha = pipeline.DEFAULT_MODEL_PATH.read_bytes(), DEFAULT, service._default_model_sha256()
+        data, name, sha = DEFAULT_MODEL_PATH.read_bytes(), DEFAULT, default_model_sha256()
     else:
         data, name, sha = _decrypt(home, keys, row), row.name, row.sha256
-    service._write_output(dst, data, overwrite)
+    write_output(dst, data, overwrite)
     return {"user": user, "name": name, "sha256": sha, "file": str(dst)}
 
 
@@ -154,36 +166,36 @@ def export_model(home: Path, user: str | None, passphrase: str, which: str, dst:
 def active_model(session, home: Path, keys: UserKeys) -> tuple[prov.ModelRow, RGAN]:
     """The model `keys.user` protects with and its row (for the record). Call it in a transaction
     (`factory.begin()`): the shipped default's row is added if this agent ships a new one."""
-    user_row = _user_row(session, keys.user)
+    user_row = logged_user(session, keys.user)
     if user_row.active_model_id is None:
         # registered by `agent init`; only a newer shipped model needs its row written here
-        row = _shipped_row(session, service._default_model_sha256()) or service._register_default_model(session)
+        row = _shipped_row(session, default_model_sha256()) or register_default_model(session)
         return row, pipeline.default_model()
     row = session.get(prov.ModelRow, user_row.active_model_id)
     if row is None or row.user_id != user_row.id:
-        raise service.ServiceError(f"the models table was modified: user {keys.user!r}'s active model is not "
+        raise ServiceError(f"the models table was modified: user {keys.user!r}'s active model is not "
                                    "theirs; run `agent models use default` or pick one of `agent models list`")
     return row, load_model(home, keys, row)
 
 
 def active_model_info(session, user: str) -> dict[str, str]:
     """Name and SHA-256 of the model `user` protects with, without loading it (for a status)."""
-    user_row = _user_row(session, user)
+    user_row = logged_user(session, user)
     row = None if user_row.active_model_id is None else session.get(prov.ModelRow, user_row.active_model_id)
     if row is None:
-        return {"name": DEFAULT, "sha256": service._default_model_sha256()}
+        return {"name": DEFAULT, "sha256": default_model_sha256()}
     return {"name": row.name, "sha256": row.sha256}
 
 
 def model_with_sha256(session, home: Path, keys: UserKeys, sha256: str) -> RGAN:
     """The model whose plaintext file has this SHA-256, as a protection record names it: the shipped
     default or one of `keys.user`'s own."""
-    if sha256 == service._default_model_sha256():
+    if sha256 == default_model_sha256():
         return pipeline.default_model()
-    row = session.scalar(select(prov.ModelRow).where(prov.ModelRow.user_id == _user_row(session, keys.user).id,
+    row = session.scalar(select(prov.ModelRow).where(prov.ModelRow.user_id == logged_user(session, keys.user).id,
                                                      prov.ModelRow.sha256 == sha256))
     if row is None:
-        raise service.ServiceError(f"the image was protected with a model user {keys.user!r} does not have here "
+        raise ServiceError(f"the image was protected with a model user {keys.user!r} does not have here "
                                    f"(SHA-256 {sha256[:16]}…): import that model file with `agent models import "
                                    f"FILE --user {keys.user}`, or install the agent version that shipped it")
     return load_model(home, keys, row)
@@ -206,9 +218,9 @@ def model_from_bytes(data: bytes, what: str) -> tuple[RGAN, dict[str, Any]]:
     try:
         model, extra = rgan_model_from_bytes(data)
     except ModelFileError as error:
-        raise service.ServiceError(f"{what} {error}") from None
+        raise ServiceError(f"{what} {error}") from None
     if not model.config.keyed:
-        raise service.ServiceError(f"{what} is an unkeyed model (like the CIFAR-10 reproduction): photos are "
+        raise ServiceError(f"{what} is an unkeyed model (like the CIFAR-10 reproduction): photos are "
                                    "protected with a user's key, so only keyed models can be used")
     return model, extra
 
@@ -231,31 +243,23 @@ def _read_model_file(src: Path) -> bytes:
     try:
         size = src.stat().st_size
         if src.is_dir():
-            raise service.ServiceError(f"{src} is a folder, not a model file")
+            raise ServiceError(f"{src} is a folder, not a model file")
         if size > MAX_MODEL_BYTES:
-            raise service.ServiceError(f"{src} is {size / 2**20:.0f} MiB: not a photo model (at most "
+            raise ServiceError(f"{src} is {size / 2**20:.0f} MiB: not a photo model (at most "
                                        f"{MAX_MODEL_BYTES // 2**20} MiB are read)")
         return src.read_bytes()
     except FileNotFoundError:
-        raise service.ServiceError(f"{src}: no such file") from None
+        raise ServiceError(f"{src}: no such file") from None
     except OSError as error:
-        raise service.ServiceError(f"cannot read {src}: {error.strerror}") from None
+        raise ServiceError(f"cannot read {src}: {error.strerror}") from None
 
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME or not name.isprintable():
-        raise service.ServiceError(f"invalid model name {name!r}: 1 to {MAX_NAME} printable characters")
+        raise ServiceError(f"invalid model name {name!r}: 1 to {MAX_NAME} printable characters")
     if name == DEFAULT:
-        raise service.ServiceError(f"{DEFAULT!r} names the shipped model; choose another name with --name")
+        raise ServiceError(f"{DEFAULT!r} names the shipped model; choose another name with --name")
     return name
-
-
-def _user_row(session, user: str) -> prov.UserRow:
-    row = session.scalar(select(prov.UserRow).where(prov.UserRow.name == user))
-    if row is None:
-        raise service.ServiceError(f"the provenance log does not know user {user!r}, whose key file is here: the "
-                                   "log was replaced or reset; restore it from a backup")
-    return row
 
 
 def _shipped_row(session, sha256: str) -> prov.ModelRow | None:
@@ -270,7 +274,7 @@ def _models_of(session, user_row: prov.UserRow) -> list[prov.ModelRow]:
 def _resolve(session, user_row: prov.UserRow, which: str) -> prov.ModelRow | None:
     """The user's model called `which`, else the one whose SHA-256 starts with it; None: the
     shipped default (`default`, its file name, or its SHA-256)."""
-    if which in (DEFAULT, service.DEFAULT_MODEL_NAME):
+    if which in (DEFAULT, DEFAULT_MODEL_NAME):
         return None
     owned = _models_of(session, user_row)
     named = [row for row in owned if row.name == which]
@@ -279,17 +283,17 @@ def _resolve(session, user_row: prov.UserRow, which: str) -> prov.ModelRow | Non
     prefix = which.lower()
     candidates: list[prov.ModelRow | None] = []
     if _HEX_PREFIX.fullmatch(prefix):
-        if service._default_model_sha256().startswith(prefix):
+        if default_model_sha256().startswith(prefix):
             candidates.append(None)
         candidates += [row for row in owned if row.sha256.startswith(prefix)]
     if len(candidates) == 1:
         return candidates[0]
     if candidates:
-        listed = ", ".join(f"{DEFAULT} ({service._default_model_sha256()[:12]})" if row is None
+        listed = ", ".join(f"{DEFAULT} ({default_model_sha256()[:12]})" if row is None
                            else f"{row.name} ({row.sha256[:12]})" for row in candidates)
-        raise service.ServiceError(f"{which!r} matches several models: {listed}; use its name or more of the SHA-256")
+        raise ServiceError(f"{which!r} matches several models: {listed}; use its name or more of the SHA-256")
     known = ", ".join([DEFAULT] + [row.name for row in owned])
-    raise service.ServiceError(f"user {user_row.name!r} has no model named {which!r} or whose SHA-256 starts "
+    raise ServiceError(f"user {user_row.name!r} has no model named {which!r} or whose SHA-256 starts "
                                f"with it (models: {known}; see `agent models list`)")
 
 
@@ -304,7 +308,7 @@ def _row_report(row: prov.ModelRow) -> Any:
     try:
         return json.loads(row.report) if row.report else None
     except ValueError:
-        raise service.ServiceError(f"the models table was modified: the report of model {row.name!r} is not "
+        raise ServiceError(f"the models table was modified: the report of model {row.name!r} is not "
                                    "JSON; import the model again") from None
 
 
@@ -320,24 +324,24 @@ def _decrypt(home: Path, keys: UserKeys, row: prov.ModelRow) -> bytes:
     # the file name is derived, never taken from the table as given: an edited row must not be
     # able to point outside the models folder
     if row.file != _file_name(keys.user, row.sha256):
-        raise service.ServiceError(f"model {row.name!r} is not user {keys.user!r}'s, or the models table was "
+        raise ServiceError(f"model {row.name!r} is not user {keys.user!r}'s, or the models table was "
                                    "modified; see `agent models list`")
     path = models_dir(home) / row.file
     try:
         blob = path.read_bytes()
     except FileNotFoundError:
-        raise service.ServiceError(f"the file of model {row.name!r} ({path}) is missing: import the model again, "
+        raise ServiceError(f"the file of model {row.name!r} ({path}) is missing: import the model again, "
                                    "or `agent models use default`") from None
     except OSError as error:
-        raise service.ServiceError(f"cannot read {path}: {error.strerror}") from None
+        raise ServiceError(f"cannot read {path}: {error.strerror}") from None
     try:
         data = keystore.decrypt_data(keys.data_key, blob, _aad(keys.user, row.sha256))
     except KeyStoreError:
-        raise service.ServiceError(f"{path}: model {row.name!r} does not decrypt with user {keys.user!r}'s data "
+        raise ServiceError(f"{path}: model {row.name!r} does not decrypt with user {keys.user!r}'s data "
                                    "key: the file was modified or belongs to another user; import the model "
                                    "again") from None
     if hashlib.sha256(data).hexdigest() != row.sha256:
-        raise service.ServiceError(f"{path}: model {row.name!r} does not match its SHA-256; import the model again")
+        raise ServiceError(f"{path}: model {row.name!r} does not match its SHA-256; import the model again")
     return data
 
 
@@ -347,6 +351,6 @@ def _write_private(path: Path, data: bytes) -> None:
         for folder in (path.parent.parent, path.parent):
             folder.mkdir(mode=0o700, exist_ok=True)
             os.chmod(folder, 0o700)
-        keystore._write_private(path, data, replace=True)
+        keystore.write_private(path, data, replace=True)
     except OSError as error:
-        raise service.ServiceError(f"cannot write {path}: {error.strerror or error}") from None
+        raise ServiceError(f"cannot write {path}: {error.strerror or error}") from None

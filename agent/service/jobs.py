@@ -29,7 +29,7 @@ recovering with the model that protected them (records name it by SHA-256).
 
 The work folder holds plaintext weights (the checkpoint) while the job runs, and is removed when
 the job ends (done, failed or cancelled). Job rows are written without the home's lock
-(`service.home_lock`), which a long `agent protect` batch may hold for minutes: SQLite's own
+(`home.home_lock`), which a long `agent protect` batch may hold for minutes: SQLite's own
 locking serialises them, and they touch nothing else.
 
 With `nproc` > 1 the worker runs the training as `torchrun --standalone --nproc-per-node N -m
@@ -56,11 +56,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from . import finetune, models, service
-from . import provenance as prov
-from .finetune import FinetuneError, FinetuneParams
-from .provenance import JobRow
-from .rgan.model import load_model, save_model
+from .. import finetune
+from .. import provenance as prov
+from ..finetune import FinetuneError, FinetuneParams
+from ..provenance import JobRow
+from ..rgan.model import load_model, save_model
+from . import models
+from .home import DB_TIMEOUT, USER_ERRORS, AgentBusyError, ServiceError, database, logged_user, resolve_user, unlock
 
 JOBS_DIR = "jobs"
 LOCK_NAME = "lock"
@@ -75,7 +77,7 @@ STORE_PATIENCE = 600.0
 MODEL_PREFIX = "finetuned-job-"
 
 
-class JobError(service.ServiceError):
+class JobError(ServiceError):
     """A job request the user can act on (unknown job, wrong state); the message says which."""
 
 
@@ -94,7 +96,7 @@ def submit_finetune(home: Path, user: str | None, images, *, epochs: int | None 
     """Queues a fine-tuning job for `user` on the photos in the folders `images`; returns it. The
     folders are checked now (they must hold enough photos), and read again when the job starts."""
     home = Path(home)
-    user = service.resolve_user(home, user)
+    user = resolve_user(home, user)
     try:
         params = FinetuneParams.make(images, epochs=epochs, device=device, nproc=nproc, crop=crop,
                                      batch_size=batch_size)
@@ -103,7 +105,7 @@ def submit_finetune(home: Path, user: str | None, images, *, epochs: int | None 
     except FinetuneError as error:
         raise JobError(str(error)) from None
     with _write(home, "queueing a job") as session:
-        row = JobRow(user_id=models._user_row(session, user).id, state="queued", created=_now(),
+        row = JobRow(user_id=logged_user(session, user).id, state="queued", created=_now(),
                      params=json.dumps(params.to_dict(), sort_keys=True))
         session.add(row)
         session.flush()
@@ -113,15 +115,15 @@ def submit_finetune(home: Path, user: str | None, images, *, epochs: int | None 
 def list_jobs(home: Path, user: str | None = None) -> list[dict[str, Any]]:
     """Every job (of `user`, if given), newest first."""
     home = Path(home)
-    with service._database(home) as factory, factory() as session:
+    with database(home) as factory, factory() as session:
         query = select(JobRow, prov.UserRow.name).join(prov.UserRow).order_by(JobRow.id.desc())
         if user is not None:
-            query = query.where(prov.UserRow.name == service.resolve_user(home, user))
+            query = query.where(prov.UserRow.name == resolve_user(home, user))
         return [_describe(row, name) for row, name in session.execute(query)]
 
 
 def show_job(home: Path, job_id: int) -> dict[str, Any]:
-    with service._database(Path(home)) as factory, factory() as session:
+    with database(Path(home)) as factory, factory() as session:
         row, name = _job(session, job_id)
         return _describe(row, name)
 
@@ -142,7 +144,7 @@ def active_jobs(home: Path, user: str) -> list[dict[str, Any]]:
     home = Path(home)
     if not prov.database_path(home).exists():
         return []
-    with service._database(home) as factory, factory() as session:
+    with database(home) as factory, factory() as session:
         rows = session.execute(select(JobRow).join(prov.UserRow)
                                .where(prov.UserRow.name == user, JobRow.state.in_(ACTIVE)).order_by(JobRow.id))
         return [{"id": row.id, "state": row.state, "created": row.created, "started": row.started,
@@ -158,8 +160,8 @@ def run_worker(home: Path, user: str | None, passphrase: str, *, once: bool = Fa
     cancelled). The passphrase is checked now: the results are stored encrypted with the user's
     data key."""
     home = Path(home)
-    user = service.resolve_user(home, user)
-    service._unlock(home, user, passphrase)
+    user = resolve_user(home, user)
+    unlock(home, user, passphrase)
     say = on_event or (lambda message: None)
     stop = stop or threading.Event()
     finished = 0
@@ -203,7 +205,7 @@ def _signals_set(stop: threading.Event) -> Iterator[None]:
 
 def _claim(home: Path, user: str) -> tuple[int, int] | None:
     """(job id, the locked file descriptor of its lock) for the oldest job this worker may run."""
-    with service._database(home) as factory, factory() as session:
+    with database(home) as factory, factory() as session:
         candidates = session.scalars(select(JobRow.id).join(prov.UserRow).where(
             prov.UserRow.name == user, JobRow.state.in_(ACTIVE)).order_by(JobRow.id)).all()
     for job_id in candidates:
@@ -227,7 +229,7 @@ def _try_lock(home: Path, job_id: int) -> int | None:
             parent.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as error:
-        raise service.ServiceError(f"cannot open the lock of job {job_id} in {folder}: {error.strerror}") from None
+        raise ServiceError(f"cannot open the lock of job {job_id} in {folder}: {error.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -241,7 +243,7 @@ def _sweep(home: Path) -> None:
     folder = jobs_dir(home)
     if not folder.is_dir():
         return
-    with service._database(home) as factory, factory() as session:
+    with database(home) as factory, factory() as session:
         active = {str(i) for i in session.scalars(select(JobRow.id).where(JobRow.state.in_(ACTIVE)))}
     for child in folder.iterdir():
         if child.name not in active and child.is_dir():
@@ -274,7 +276,7 @@ class _Reporter:
     def cancelled(self, fresh: bool = False) -> bool:
         if not self.is_cancelled and (fresh or time.monotonic() - self.last_read >= REPORT_EVERY):
             self.last_read = time.monotonic()
-            with service._database(self.home) as factory, factory() as session:
+            with database(self.home) as factory, factory() as session:
                 self.is_cancelled = session.scalar(select(JobRow.state).where(JobRow.id == self.job_id)) == "cancelled"
         return self.is_cancelled
 
@@ -286,7 +288,7 @@ def _run(home: Path, user: str, passphrase: str, job_id: int, stop: threading.Ev
     """Runs one claimed job to an end or a stop; returns the state it is left in."""
     folder = work_dir(home, job_id)
     reporter = _Reporter(home, job_id, stop)
-    with service._database(home) as factory, factory() as session:
+    with database(home) as factory, factory() as session:
         params = FinetuneParams.from_dict(json.loads(session.get(JobRow, job_id).params))
     try:
         finetune.check_device(params)
@@ -310,7 +312,7 @@ def _run(home: Path, user: str, passphrase: str, job_id: int, stop: threading.Ev
         reporter.progress({"phase": "storing"}, force=True)
         result = _store(home, user, passphrase, job_id, model, extra, report, stop)
         return _finish(home, job_id, "done", result=result)
-    except (FinetuneError, *service.USER_ERRORS, FileNotFoundError) as error:
+    except (FinetuneError, *USER_ERRORS, FileNotFoundError) as error:
         return _finish(home, job_id, "failed", error=str(error))
     except Exception as error:  # a bug must fail the job, not kill the worker with the job marked running
         traceback.print_exc()
@@ -363,7 +365,7 @@ def _store(home: Path, user: str, passphrase: str, job_id: int, model, extra: di
             if report["activate"]:
                 models.use_model(home, user, stored["sha256"])
             break
-        except service.AgentBusyError:
+        except AgentBusyError:
             if time.monotonic() > deadline or stop.wait(2.0):
                 raise
     return {"model": stored["name"], "sha256": stored["sha256"], "active": report["activate"], "report": report}
@@ -393,9 +395,9 @@ def _requeue(home: Path, job_id: int) -> None:
 @contextlib.contextmanager
 def _write(home: Path, doing: str):
     """A session in a write transaction (the lock taken at BEGIN), committed on success."""
-    with service._database(home) as factory:
-        with prov._translate_errors(doing, service.DB_TIMEOUT), factory.begin() as session:
-            prov._begin_write(session)
+    with database(home) as factory:
+        with prov.translate_errors(doing, DB_TIMEOUT), factory.begin() as session:
+            prov.begin_write(session)
             yield session
 
 
@@ -417,4 +419,4 @@ def _describe(row: JobRow, user: str) -> dict[str, Any]:
 
 
 def _now() -> str:
-    return prov._time_text(prov._now(), micro=False)
+    return prov.time_text(prov.utc_now(), micro=False)
