@@ -36,7 +36,8 @@ from .jpeg import Quantization, most_likely_original
 from .keys import check_key
 from .recovery import RecoveryData
 from . import selfcheck
-from .refine import ATTEMPTS, METHOD, METHODS, Budget, Method, Refinement, fixed_threads, upsampled_rows
+from .refine import (ATTEMPTS, METHOD, METHODS, Budget, Method, Refinement, applied_rows, field_size, fixed_threads,
+                     upsampled_rows)
 from .rgan.keying import PATTERN_VERSION, key_pattern
 from .rgan.model import RGAN, load_model
 from .rgan.nets import ENCODER_STRIDE
@@ -123,6 +124,9 @@ class ProtectInfo:
     method: int = 1
     # what the record keeps, sealed, beside this info (not part of it: not in `to_dict`)
     recovery: RecoveryData | None = field(default=None, compare=False, repr=False)
+    # the field the refine scheme applied ((3, h, w) int8 levels), which a lossless output carries
+    # sealed (`recovery.seal_field`); not part of the info either
+    applied_field: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("original_size", "working_size"):
@@ -235,7 +239,7 @@ def protect(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOpti
     return result, ProtectInfo((width, height), (work_w, work_h), mode, BIT_DEPTHS[pixels.dtype],
                                strength=options.strength, scheme="refine", attempt=attempt,
                                budget=(budget.epsilon, budget.steps, budget.pattern), method=METHOD,
-                               recovery=recovery)
+                               recovery=recovery, applied_field=refinement.field)
 
 
 def protect_rgan(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOptions(),
@@ -271,7 +275,8 @@ def _coupling(key: bytes, budget: Budget, field: Any, dtype: np.dtype, method: M
 
 def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, model: RGAN | None = None,
             *, options: ProtectOptions = ProtectOptions(), jpeg: Quantization | None = None,
-            recovery: RecoveryData | None = None, copy: bool | None = None) -> np.ndarray:
+            recovery: RecoveryData | None = None, copy: bool | None = None,
+            applied_field: np.ndarray | None = None) -> np.ndarray:
     """Undoes the protection with the key (and, for the rgan scheme, the model that protected).
 
     From the protected pixels themselves (a PNG, a lossless WebP) the refine scheme is undone
@@ -280,6 +285,11 @@ def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, mode
     be recomputed: the field the record kept (`recovery`) is subtracted instead, and with `jpeg`
     (the tables of the unresized JPEG the pixels came from) the file's rounding narrows the
     estimate further (`jpeg.most_likely_original`).
+
+    From the protected pixels, the field itself (`applied_field`: the file's seal, opened; or
+    the one a first-method record holds) is subtracted rather than recomputed, which makes the
+    recovery exact on any machine; recomputing is exact only where the float arithmetic matches
+    the machine's that protected (`recovery.py`).
 
     Without `info` (no record) the refine scheme is assumed, and every strength and attempt is
     tried: the one that leaves the field half smoothest against the other half is kept.
@@ -311,10 +321,11 @@ def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, mode
             recovered = _recover_copy(colour, key, info, recovery, jpeg)
     elif info is not None:
         with fixed_threads():
-            recovered = _uncouple(colour, key, Budget(*info.budget), info.attempt, METHODS[info.method], net, recovery)
+            recovered = _uncouple(colour, key, Budget(*info.budget), info.attempt, METHODS[info.method], net, recovery,
+                                  applied_field)
     else:
         with fixed_threads():
-            recovered = _recover_unknown(colour, key, net)
+            recovered = _recover_unknown(colour, key, net, applied_field)
     if (info.mode if info is not None else mode) in ("L", "LA"):
         # the three channels were protected apart; their mean is the best estimate of the one
         grey = np.rint(recovered.mean(axis=2, dtype=np.float64)).astype(pixels.dtype)
@@ -323,13 +334,24 @@ def recover(image: np.ndarray, key: bytes, info: ProtectInfo | None = None, mode
 
 
 def _uncouple(colour: np.ndarray, key: bytes, budget: Budget, attempt: int, method: Method, net: RGAN,
-              recovery: RecoveryData | None = None) -> np.ndarray:
-    refinement = Refinement(key, budget, np.iinfo(colour.dtype).max, net, attempt, method)
+              recovery: RecoveryData | None = None, applied_field: np.ndarray | None = None) -> np.ndarray:
+    maxval = np.iinfo(colour.dtype).max
+    if applied_field is None and recovery is not None:
+        applied_field = recovery.exact
+    if applied_field is None:
+        field: Any = Refinement(key, budget, maxval, net, attempt, method)
+    else:
+        height, width = colour.shape[:2]
+        if applied_field.shape != (3, *field_size(height, width)):
+            raise ValueError(f"the kept field is {applied_field.shape[2]}×{applied_field.shape[1]}, but this "
+                             f"image's is {field_size(height, width)[1]}×{field_size(height, width)[0]}: "
+                             "it is not the field of this image")
+        field = lambda known: applied_rows(applied_field, maxval, height, width, method)  # noqa: E731
     clipped = (recovery.clipped_at, recovery.clipped_values) if recovery is not None else (None, None)
-    return _coupling(key, budget, refinement, colour.dtype, method).uncouple(colour, *clipped)
+    return _coupling(key, budget, field, colour.dtype, method).uncouple(colour, *clipped)
 
 
-def _recover_unknown(colour: np.ndarray, key: bytes, net: RGAN) -> np.ndarray:
+def _recover_unknown(colour: np.ndarray, key: bytes, net: RGAN, applied_field: np.ndarray | None = None) -> np.ndarray:
     """Every method, strength and attempt tried, today's method first; kept: the one whose
     field half differs least from what the other half predicts of it (a wrong guess leaves a field
     there, the right one none)."""
@@ -337,7 +359,7 @@ def _recover_unknown(colour: np.ndarray, key: bytes, net: RGAN) -> np.ndarray:
     for method in sorted(METHODS, key=lambda number: number != METHOD):
         for budget in (STRENGTHS if method == METHOD else EARLIER_STRENGTHS[method]).values():
             for attempt in range(PROTECT_ATTEMPTS):
-                candidate = _uncouple(colour, key, budget, attempt, METHODS[method], net)
+                candidate = _uncouple(colour, key, budget, attempt, METHODS[method], net, applied_field=applied_field)
                 roughness = _roughness(candidate, key)
                 if roughness < best_roughness:
                     best, best_roughness = candidate, roughness

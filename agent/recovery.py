@@ -27,11 +27,27 @@ Version 1 (the first records of the refine scheme) kept the field itself:
     b"RCV1" | height (u16) | width (u16) | clipped count (u32) |
     lzma(field: int8, (3, height, width), whole 8-bit grey levels) |
     lzma(clipped indices: u32, each whole; then their values: u16)
-and is read into version 2's form.
+and is read into version 2's form, with the field itself kept too (`exact`).
+
+The field seal
+--------------
+Recomputing the field is exact only on a machine whose float arithmetic matches the one that
+protected: two CPUs with other vector units (AVX2 against AVX-512, or x86 against ARM) run the
+surrogate's kernels in another order, and after a few steps the field differs by a few levels at a
+few percent of its values. So a lossless protected file carries the field it was protected with,
+sealed (`seal_field`): the key holder subtracts it and recovers exactly on any machine, without
+the steps; a file that lost it (a tool that drops unknown chunks) falls back on recomputing. The
+seal is in a PNG chunk (`images.FIELD_CHUNK`):
+    b"RFS1" | height (u16) | width (u16) |
+    keys.encrypt_data(HKDF/ChaCha20 keystream of the RGAN key for "rgan-agent field seal v1",
+                      lzma(field: int8, (3, height, width), whole 8-bit grey levels),
+                      associated data: the 8 bytes before it)
+It tells someone without the key only that the file is protected and the field's size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import lzma
 import struct
 from dataclasses import dataclass
@@ -40,11 +56,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .keys import KeyStoreError, decrypt_data, encrypt_data
+from .rgan.keying import keystream
+
 MAGIC, FIRST_MAGIC = b"RCV2", b"RCV1"
 LUMA_STEP, CHROMA_STEP, CHROMA_BLOCK = 3, 2, 4
 _HEADER = struct.Struct("<4sHHI")
 _LUMA_STEP = struct.Struct("<B")
 _LENGTH = struct.Struct("<I")
+SEAL_MAGIC = b"RFS1"
+_SEAL_HEADER = struct.Struct("<4sHH")
+_SEAL_INFO = b"rgan-agent field seal v1"
 _TO_YCC = np.array([[0.299, 0.587, 0.114],
                     [-0.299 / 1.772, -0.587 / 1.772, 0.886 / 1.772],
                     [0.701 / 1.402, -0.587 / 1.402, -0.114 / 1.402]])
@@ -66,13 +88,15 @@ def _codes(values: np.ndarray, step: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class RecoveryData:
-    """The kept field (`luma`, `chroma` codes; `field()` rebuilds it) and the clipped pixels."""
+    """The kept field (`luma`, `chroma` codes; `field()` rebuilds it) and the clipped pixels;
+    `exact`: the field itself, where the record holds it (version 1)."""
 
     luma: np.ndarray
     chroma: np.ndarray
     clipped_at: np.ndarray
     clipped_values: np.ndarray
     luma_step: int = LUMA_STEP
+    exact: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.luma, np.ndarray) or self.luma.dtype != np.int8 or self.luma.ndim != 2:
@@ -155,7 +179,35 @@ class RecoveryData:
         clipped_values = np.frombuffer(parts[-1][4 * count:], dtype="<u2").astype(np.uint16)
         if magic == FIRST_MAGIC:
             field = np.frombuffer(parts[0], dtype=np.int8).reshape(3, height, width)
-            return cls.keep(field, clipped_at, clipped_values)
+            return dataclasses.replace(cls.keep(field, clipped_at, clipped_values), exact=field.copy())
         luma = np.frombuffer(parts[0], dtype=np.int8).reshape(height, width).copy()
         chroma = np.frombuffer(parts[1], dtype=np.int8).reshape(2, rows, cols).copy()
         return cls(luma, chroma, np.cumsum(clipped_at), clipped_values, luma_step)
+
+
+def _seal_key(key: bytes) -> bytes:
+    return keystream(key, 32, _SEAL_INFO)
+
+
+def seal_field(key: bytes, field: np.ndarray) -> bytes:
+    """The field a protection applied ((3, h, w) int8 levels), sealed with the RGAN key it used."""
+    if not isinstance(field, np.ndarray) or field.dtype != np.int8 or field.ndim != 3 or field.shape[0] != 3:
+        raise ValueError("the field must be (3, h, w) int8")
+    header = _SEAL_HEADER.pack(SEAL_MAGIC, *field.shape[1:])
+    return header + encrypt_data(_seal_key(key), lzma.compress(np.ascontiguousarray(field).tobytes()), header)
+
+
+def open_field(key: bytes, sealed: bytes) -> np.ndarray:
+    """The field `seal_field` sealed; a ValueError for another key, another version or any change."""
+    try:
+        magic, height, width = _SEAL_HEADER.unpack_from(sealed)
+        if magic != SEAL_MAGIC:
+            raise ValueError(f"unknown field seal version {magic!r}")
+        plain = lzma.decompress(decrypt_data(_seal_key(key), sealed[_SEAL_HEADER.size:], sealed[:_SEAL_HEADER.size]))
+    except KeyStoreError:
+        raise ValueError("the file's sealed field does not open with this key (another key, or it was changed)") from None
+    except (struct.error, lzma.LZMAError) as error:
+        raise ValueError(f"damaged field seal ({error})") from None
+    if len(plain) != 3 * height * width:
+        raise ValueError("the field seal's sizes do not add up")
+    return np.frombuffer(plain, dtype=np.int8).reshape(3, height, width).copy()

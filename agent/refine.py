@@ -201,6 +201,17 @@ def upsampled_rows(field: np.ndarray, height: int, width: int) -> FieldRows:
     return rows
 
 
+def applied_rows(field: np.ndarray, maxval: int, height: int, width: int, method: Method) -> FieldRows:
+    """The change a field in whole 8-bit levels ((3, h, w) int8) makes to a (height, width) photo
+    of `maxval`, as `method` brings it to full size: numpy or Pillow arithmetic in a fixed order,
+    so the same field gives the same rows on every machine."""
+    scaled = field.astype(np.float32) * (maxval / 255)
+    if method.upsample_rows:
+        return upsampled_rows(scaled, height, width)
+    planes = resample(scaled, height, width)
+    return lambda top, bottom: torch.from_numpy(planes[:, top:bottom])
+
+
 # Photos whose shorter side is at most this are rendered at full size during the steps, with the
 # field on its part of the pixels exactly as it will be applied; larger ones at the view's scale,
 # where the part's half of the pixels averages to half the field.
@@ -239,11 +250,7 @@ class Refinement:
         with fixed_threads(), torch.enable_grad():
             field = self._steps(known)
         self.field = field
-        scaled = field.astype(np.float32) * (self.maxval / 255)
-        if self.method.upsample_rows:
-            return upsampled_rows(scaled, height, width)
-        planes = resample(scaled, height, width)
-        return lambda top, bottom: torch.from_numpy(planes[:, top:bottom])
+        return applied_rows(field, self.maxval, height, width, self.method)
 
     def _base(self, known: Known) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """The image the steps start from, on [0, 1], with the field part's headroom when it is at

@@ -332,6 +332,19 @@ def test_recover_by_exact_hash_and_from_a_recompressed_copy(home, photos, tmp_pa
     assert "is the original of record" in original.error
 
 
+def test_a_protected_png_carries_its_sealed_field(home, photos, tmp_path):
+    """The PNG output carries the field it was protected with, sealed with the user's key, and
+    recovery subtracts it (exact on any machine; `test_refine.py` recovers one under another
+    machine's arithmetic); a JPEG output carries none."""
+    done, jpeg = protect_paths(home, "alice", PW, [photos / "a.png", photos / "c.jpg"], tmp_path / "p")
+    sealed = images.png_chunk(done.output.read_bytes(), images.FIELD_CHUNK)
+    assert sealed is not None and sealed.startswith(b"RFS1")
+    assert jpeg.ok and b"RFS1" not in jpeg.output.read_bytes()
+    [rec] = recover_paths(home, [done.output], tmp_path / "r", PW)
+    assert rec.ok and rec.note is None
+    assert np.array_equal(read_image(rec.output), pipeline.working_copy(read_image(photos / "a.png")))
+
+
 def test_an_image_without_record_needs_a_user_and_force(home, tmp_path):
     stranger = tmp_path / "stranger.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(stranger)

@@ -27,6 +27,7 @@ from ..atomic import stale_temporaries, write_text
 from ..keys import UserKeys
 from ..pipeline import ProtectInfo, ProtectOptions
 from ..provenance import DatabaseLockedError
+from ..recovery import seal_field
 from . import models
 from .batch import PROTECTED_TAG, RECOVERED_TAG, Job, ProgressFn, output_name, plan
 from .home import USER_ERRORS, ServiceError, check_output, crash_point, database, home_lock, output, resolve_user, unlock
@@ -241,8 +242,11 @@ def _protect_data(keys: UserKeys, model_row, model, data: bytes, facts: images.S
     quality = max(MIN_JPEG_QUALITY, facts.quality or 0) if facts.format == "JPEG" else \
         None if facts.format == "PNG" or facts.lossless else LOSSY_QUALITY
     exif, removed = images.clean_exif(facts.exif, info.working_size)
+    # a PNG carries the field it was protected with, so that it recovers exactly on any machine
+    seal = seal_field(keys.active_rgan_key.key, info.applied_field) \
+        if facts.format == "PNG" and info.applied_field is not None else None
     encoded = images.encode_image(protected, facts.format, quality=quality or LOSSY_QUALITY, lossless=facts.lossless,
-                           icc=facts.icc, exif=exif)
+                                  icc=facts.icc, exif=exif, field_seal=seal)
     lossless = facts.format == "PNG" or facts.lossless
     uploaded = protected if lossless else images.decoded_rgb(encoded)
     working = pipeline.working_copy(pixels, options)

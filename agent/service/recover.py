@@ -18,7 +18,7 @@ from ..jpeg import Quantization
 from ..keys import KeyStoreError, UserKeys
 from ..pipeline import ProtectInfo
 from ..provenance import DatabaseLockedError, ProvenanceError
-from ..recovery import RecoveryData
+from ..recovery import RecoveryData, open_field
 from . import models
 from .batch import PROTECTED_TAG, RECOVERED_TAG, Job, ProgressFn, plan
 from .home import USER_ERRORS, ServiceError, check_output, database, resolve_user, unlock, write_output
@@ -220,9 +220,18 @@ def _recover_one(home: Path, factory, keys_of: Callable[[str], UserKeys], faults
                            "look-alike): it was not protected here, or it was cropped, rotated or filtered; "
                            "pass --user NAME --force to try that user's active key anyway (the result is "
                            "right only if that key protected it)")
+    copy = copy or note is not None
+    applied = None
+    sealed = images.png_chunk(data, images.FIELD_CHUNK) if facts.format == "PNG" and matched_by != "phash" else None
+    if sealed is not None:
+        try:
+            applied = open_field(key, sealed)
+        except ValueError as error:
+            note = "; ".join(filter(None, [note, f"{error}: the field was recomputed instead, which is exact only "
+                                                 "on a machine whose arithmetic matches the one that protected"]))
     try:
         recovered = pipeline.recover(pixels, key, info, model, jpeg=tables, recovery=recovery,
-                                     copy=copy or note is not None)
+                                     copy=copy, applied_field=applied)
     except ValueError as error:
         raise ServiceError(f"{src}: {error}") from None
     exif, _ = images.clean_exif(facts.exif, (recovered.shape[1], recovered.shape[0]))
