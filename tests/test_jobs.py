@@ -132,11 +132,11 @@ def test_the_split_is_deterministic_and_holds_out_a_tenth(photos, tmp_path):
 
 def test_two_workers_never_claim_one_job_and_a_dead_workers_job_is_claimed_again(home, photos):
     job = jobs.submit_finetune(home, None, [photos], **TINY)
-    job_id, lock = jobs._claim(home, "alice")
+    job_id, lock = jobs.claim_job(home, "alice")
     assert job_id == job["id"] and state(home, job_id) == "running"
-    assert jobs._claim(home, "alice") is None  # its lock is held: another worker skips it
+    assert jobs.claim_job(home, "alice") is None  # its lock is held: another worker skips it
     os.close(lock)  # the worker dies; the job is still marked running
-    again = jobs._claim(home, "alice")
+    again = jobs.claim_job(home, "alice")
     assert again is not None and again[0] == job_id
     os.close(again[1])
 
@@ -219,7 +219,7 @@ def test_sigterm_requeues_the_job_and_the_next_worker_resumes_from_its_checkpoin
 
 def test_a_crashed_job_resumes_from_its_last_checkpoint(home, photos, monkeypatch):
     job = jobs.submit_finetune(home, None, [photos], **TINY)
-    job_id, lock = jobs._claim(home, "alice")
+    job_id, lock = jobs.claim_job(home, "alice")
     folder = jobs.work_dir(home, job_id)
     params = finetune.FinetuneParams.from_dict(job["params"])
     with pytest.raises(training.TrainingStopped):  # the process "dies" during epoch 2

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..images import FORMAT_SUFFIXES, IMAGE_SUFFIXES
+from ..provenance import DatabaseLockedError
+from .home import USER_ERRORS
 
 # what a batch function reports after each file: (done, total, that file's result)
 ProgressFn = Callable[[int, int, Any], None]
@@ -88,3 +90,26 @@ def output_name(path: Path, fmt: str, tag: str) -> str:
     """`path`'s name with `tag` before a suffix of format `fmt` (its own if it is one of them)."""
     suffix = path.suffix if path.suffix.lower() in FORMAT_SUFFIXES[fmt] else FORMAT_SUFFIXES[fmt][0]
     return f"{path.stem}{tag}{suffix}"
+
+
+def run_jobs(jobs: list[Job], do: Callable[[Job], Any], failed: Callable[[Path, str], Any],
+             on_progress: ProgressFn | None) -> list[Any]:
+    """Each job's result: `do(job)`, or `failed(source, why)` for a job that could not be planned or
+    raised an error the user can act on. A locked log stops the batch: every later file would fail
+    the same way."""
+    results: list[Any] = []
+    for job in jobs:
+        if job.error is not None:
+            result = failed(job.source, job.error)
+        else:
+            try:
+                result = do(job)
+            except DatabaseLockedError:
+                raise
+            except USER_ERRORS as error:
+                result = failed(job.source, str(error))
+        results.append(result)
+        if on_progress:
+            on_progress(len(results), len(jobs), result)
+    return results
+

@@ -168,7 +168,7 @@ def run_worker(home: Path, user: str | None, passphrase: str, *, once: bool = Fa
     with _signals_set(stop):
         while not stop.is_set():
             _sweep(home)
-            claimed = _claim(home, user)
+            claimed = claim_job(home, user)
             if claimed is None:
                 if once:
                     break
@@ -203,7 +203,7 @@ def _signals_set(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _claim(home: Path, user: str) -> tuple[int, int] | None:
+def claim_job(home: Path, user: str) -> tuple[int, int] | None:
     """(job id, the locked file descriptor of its lock) for the oldest job this worker may run."""
     with database(home) as factory, factory() as session:
         candidates = session.scalars(select(JobRow.id).join(prov.UserRow).where(

@@ -26,11 +26,10 @@ from .. import provenance as prov
 from ..atomic import stale_temporaries, write_text
 from ..keys import UserKeys
 from ..pipeline import ProtectInfo, ProtectOptions
-from ..provenance import DatabaseLockedError
 from ..recovery import seal_field
 from . import models
-from .batch import PROTECTED_TAG, RECOVERED_TAG, Job, ProgressFn, output_name, plan
-from .home import USER_ERRORS, ServiceError, check_output, crash_point, database, home_lock, output, resolve_user, unlock
+from .batch import PROTECTED_TAG, RECOVERED_TAG, Job, ProgressFn, output_name, plan, run_jobs
+from .home import ServiceError, check_output, crash_point, database, home_lock, output, resolve_user, unlock
 
 PENDING_DIR = "pending"
 MIN_JPEG_QUALITY = 90
@@ -95,28 +94,15 @@ def protect_paths(home: Path, user: str | None, passphrase: str, paths: Sequence
     keys = unlock(home, user, passphrase)
     jobs = plan(paths, out_dir, lambda p: output_name(p, images.format_of_suffix(p) or "PNG", PROTECTED_TAG),
                  (PROTECTED_TAG, RECOVERED_TAG))
-    total = len(jobs)
     if on_progress:
-        on_progress(0, total, None)
-    results: list[ProtectResult] = []
+        on_progress(0, len(jobs), None)
     with home_lock(home), database(home, create=True) as factory:
         settle_pending(home, factory)
         with factory.begin() as session:
             model_row, model = models.active_model(session, home, keys)
-        for job in jobs:
-            if job.error is not None:
-                result = ProtectResult(job.source, error=job.error)
-            else:
-                try:
-                    result = _protect_one(home, factory, keys, model_row, model, job, options, source, overwrite)
-                except DatabaseLockedError:
-                    raise
-                except USER_ERRORS as error:
-                    result = ProtectResult(job.source, error=str(error))
-            results.append(result)
-            if on_progress:
-                on_progress(len(results), total, result)
-    return results
+        return run_jobs(jobs, lambda job: _protect_one(home, factory, keys, model_row, model, job, options, source,
+                                                       overwrite),
+                        lambda source_path, why: ProtectResult(source_path, error=why), on_progress)
 
 
 def _protect_one(home: Path, factory, keys: UserKeys, model_row, model, job: Job, options: ProtectOptions, source: str,

@@ -17,11 +17,11 @@ from .. import provenance as prov
 from ..jpeg import Quantization
 from ..keys import KeyStoreError, UserKeys
 from ..pipeline import ProtectInfo
-from ..provenance import DatabaseLockedError, ProvenanceError
+from ..provenance import ProvenanceError
 from ..recovery import RecoveryData, open_field
 from . import models
-from .batch import PROTECTED_TAG, RECOVERED_TAG, Job, ProgressFn, plan
-from .home import USER_ERRORS, ServiceError, check_output, database, resolve_user, unlock, write_output
+from .batch import PROTECTED_TAG, RECOVERED_TAG, Job, ProgressFn, plan, run_jobs
+from .home import ServiceError, check_output, database, resolve_user, unlock, write_output
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,8 @@ def recover_paths(home: Path, paths: Sequence[Path], out_dir: Path | None = None
     if user is not None:
         user = resolve_user(home, user)
     jobs = plan(paths, out_dir, _recovered_name, (RECOVERED_TAG,))
-    total = len(jobs)
     if on_progress:
-        on_progress(0, total, None)
+        on_progress(0, len(jobs), None)
     unlocked: dict[str, UserKeys | KeyStoreError] = {}
 
     def keys_of(name: str) -> UserKeys:
@@ -91,7 +90,6 @@ def recover_paths(home: Path, paths: Sequence[Path], out_dir: Path | None = None
             raise found
         return found
 
-    results: list[RecoverResult] = []
     with database(home) as factory:
         faults: dict[str, dict[str, str]] = {}
 
@@ -102,20 +100,8 @@ def recover_paths(home: Path, paths: Sequence[Path], out_dir: Path | None = None
                     faults[name] = prov.record_faults(session, name, keys_of(name).public_key_bytes)
             return faults[name]
 
-        for job in jobs:
-            if job.error is not None:
-                result = RecoverResult(job.source, error=job.error)
-            else:
-                try:
-                    result = _recover_one(home, factory, keys_of, faults_of, job, user, overwrite, force)
-                except DatabaseLockedError:
-                    raise
-                except USER_ERRORS as error:
-                    result = RecoverResult(job.source, error=str(error))
-            results.append(result)
-            if on_progress:
-                on_progress(len(results), total, result)
-    return results
+        return run_jobs(jobs, lambda job: _recover_one(home, factory, keys_of, faults_of, job, user, overwrite, force),
+                        lambda source, why: RecoverResult(source, error=why), on_progress)
 
 
 @dataclass(frozen=True)
