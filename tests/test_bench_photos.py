@@ -17,6 +17,7 @@ quality, speed = load("quality"), load("speed")
 def photo_set(asr=0.99, psnr=39.0, transfer=0.6):
     figures = {"photos": 10, "psnr": psnr, "attempt": 0.1, "seconds": 0.9, "max_seconds": 1.4, "record_kb": 30.0,
                "attempts": [9, 1, 0], "transfer": transfer, "noise_transfer": 0.05, "recover_seconds": 0.7,
+               "rec_sealed": 100.0, "seal_kb": 100.0, "png_kb": 400.0,
                "rec_lossless": 100.0, "rec_file_alone": 95.0, "top1_kept": 1.0, "rec_wrong_key": 36.0,
                "rec_own_jpeg": 45.0, "own_jpeg_of_original": 46.0, "rec_platform_jpeg90": 38.5,
                "platform_jpeg90_of_original": 39.0}
@@ -32,6 +33,7 @@ def test_quality_report_marks_each_target_and_states_the_controls():
     missed = quality.report({"threads": 2, "strengths": {"medium": {"imagenet-val": photo_set(asr=0.9, psnr=37.0, transfer=0.3)}}})
     assert "90.0% (target 98.0%)" in missed and "37.00 dB (target 38)" in missed and "30.0% (target 50.0%)" in missed
     assert "(3.0%)" in missed  # every ASR stands beside its noise control
+    assert "| 30.0 | 100.0 (400) |" in text  # the record's size, and what a PNG adds to carry its field
 
 
 def test_speed_report_states_the_floor_the_naive_attack_and_the_targets():
