@@ -12,9 +12,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .rgan.config import PHOTO_CONFIG, ModelConfig, ReducerConfig, TrainConfig
+from .rgan.config import train_config
 
 app = typer.Typer(help="Protect photos with self-recoverable adversarial examples.", no_args_is_help=True)
 console = Console()
@@ -61,17 +62,25 @@ def demo(
     console.print(f"images written to {out}/")
 
 
-PRESETS = {"cifar10": TrainConfig(), "photos": PHOTO_CONFIG}
+@contextlib.contextmanager
+def training_progress(epochs: int):
+    """A progress bar over a training's epochs, drawn from the trainer's `on_step` callback."""
+    columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.fields[losses]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("train", total=epochs, epoch=1, losses="")
+
+        def on_step(trainer, step: int, steps: int, means: dict[str, float]) -> None:
+            progress.update(task, completed=trainer.epoch + step / steps, epoch=trainer.epoch + 1,
+                            losses=" ".join(f"{name}={value:.3f}" for name, value in means.items()))
+
+        yield on_step
 
 
 def _option(default_help: str = "", **kwargs):
     """An option whose default comes from the --data preset (None here means "the preset's")."""
     text = f"{default_help} [default: from --data]".strip()
     return typer.Option(None, help=text, **kwargs)
-
-
-def given(value, preset_value):
-    return preset_value if value is None else value
 
 
 @app.command()
@@ -116,37 +125,20 @@ def train(
     the other 2,000 evaluate) or photos (1,100 train; imagenet-sample's last 200 evaluate)."""
     from .experiments import train_and_evaluate
 
-    if data not in PRESETS:
-        fail(f"--data must be one of {', '.join(PRESETS)}, got {data!r}")
     check_device(device)
     if warm_start is not None and not warm_start.exists():
         fail(f"--warm-start: no run folder or checkpoint at {warm_start}")
-    preset = PRESETS[data]
-    model, reducer = preset.model, preset.model.reducer
     try:
-        config = preset.replace(
-            model=ModelConfig(
-                width=given(width, model.width), g_depth=given(g_depth, model.g_depth),
-                r_depth=given(r_depth, model.r_depth), d_width=given(d_width, model.d_width),
-                epsilon=model.epsilon if epsilon is None else epsilon / 255,
-                key_noise=model.key_noise if key_noise is None else key_noise / 255,
-                keyed=model.keyed, g_stride=model.g_stride, norm=model.norm,
-                reducer=ReducerConfig(
-                    down=reducer.down if down is None else (None if down == "none" else down),
-                    up=given(up, reducer.up), kernel=given(kernel, reducer.kernel), skip=given(skip, reducer.skip),
-                ),
-            ),
-            targets=tuple(target) if target else preset.targets,
-            epochs=given(epochs, preset.epochs), batch_size=given(batch_size, preset.batch_size),
-            lr=given(lr, preset.lr), lr_step=given(lr_step, preset.lr_step), lr_gamma=given(lr_gamma, preset.lr_gamma),
-            d_lr_scale=given(d_lr_scale, preset.d_lr_scale), lambda_dis=given(lambda_dis, preset.lambda_dis),
-            lambda_mse=given(lambda_mse, preset.lambda_mse), recover_weight=given(recover_weight, preset.recover_weight),
-            kappa=given(kappa, preset.kappa), alpha=given(alpha, preset.alpha), beta=given(beta, preset.beta),
-            seed=given(seed, preset.seed), device=device, train_limit=limit,
-        )
+        config = train_config(
+            data, epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step, lr_gamma=lr_gamma,
+            d_lr_scale=d_lr_scale, width=width, g_depth=g_depth, r_depth=r_depth, d_width=d_width, epsilon=epsilon,
+            key_noise=key_noise, down=down, up=up, kernel=kernel, skip=skip, lambda_dis=lambda_dis,
+            lambda_mse=lambda_mse, recover_weight=recover_weight, kappa=kappa, alpha=alpha, beta=beta,
+            targets=target or None, seed=seed, device=device, train_limit=limit)
         out = out or Path("runs") / data
-        figures = train_and_evaluate(config, out, transfer=tuple(transfer) if transfer else None, resume=resume,
-                                     warm_start=warm_start)
+        with training_progress(config.epochs) as on_step:
+            figures = train_and_evaluate(config, out, transfer=tuple(transfer) if transfer else None, resume=resume,
+                                         warm_start=warm_start, on_step=on_step)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
     print_metrics(f"held-back {data} ({out})", figures)

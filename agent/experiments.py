@@ -13,7 +13,7 @@ from .data import TRAIN_SHORT_SIDE, ImageSet, PhotoSet, centre_crops, load_cifar
 from .rgan.config import TrainConfig
 from .rgan.evaluate import evaluate
 from .rgan.model import load_model
-from .rgan.train import train
+from .rgan.train import StepCallback, train
 
 METRICS_NAME = "metrics.json"
 DEFAULT_TRANSFER = {"cifar10": ("cifar-resnet56",), "photos": ()}
@@ -35,14 +35,14 @@ def train_and_evaluate(
     out_dir: Path,
     transfer: tuple[str, ...] | None = None,
     resume: bool = True,
-    show_progress: bool = True,
     warm_start: Path | None = None,
+    on_step: StepCallback | None = None,
 ) -> dict[str, float]:
     """Trains (or resumes) a run in `out_dir`, evaluates it and saves the figures as metrics.json.
-    `warm_start` as in `rgan.train.train`."""
+    `warm_start` and `on_step` as in `rgan.train.train`."""
     targets = [load_classifier(name) for name in config.targets]
-    trainer = train(config, training_data(config.data), targets, out_dir, resume=resume, show_progress=show_progress,
-                    warm_start=warm_start)
+    trainer = train(config, training_data(config.data), targets, out_dir, resume=resume, warm_start=warm_start,
+                    on_step=on_step)
     transfer = DEFAULT_TRANSFER[config.data] if transfer is None else transfer
     figures = evaluate(
         trainer.model, targets[0], held_back_data(config.data), kappa=config.kappa,

@@ -187,7 +187,7 @@ def default_model() -> RGAN:
     return load_model(DEFAULT_MODEL_PATH)[0]
 
 
-def train_config(params: FinetuneParams, model: RGAN, device: str) -> TrainConfig:
+def finetune_config(params: FinetuneParams, model: RGAN, device: str) -> TrainConfig:
     """The photo preset's losses and channel on the default model's networks, at a fine-tuning
     learning rate held constant (the step falls after the last epoch)."""
     return PHOTO_CONFIG.replace(model=model.config, epochs=params.epochs, batch_size=params.batch_size,
@@ -223,7 +223,7 @@ def train_run(workdir: Path, params: FinetuneParams, *, device: str | None = Non
     `on_progress(dict)` gets `Progress` reports; `stop()` between steps raises `TrainingStopped`."""
     spec = prepare(workdir, params)
     start = default_model()
-    config = train_config(params, start, device or params.device)
+    config = finetune_config(params, start, device or params.device)
     progress = Progress(params)
 
     def on_step(trainer: Trainer, step: int, steps: int, means: dict[str, float]) -> None:
@@ -231,7 +231,7 @@ def train_run(workdir: Path, params: FinetuneParams, *, device: str | None = Non
             on_progress(progress.step(trainer, step, steps, means))
 
     return train(config, load_photos(spec["train"]), [load_classifier(name) for name in config.targets],
-                 Path(workdir), show_progress=False, start=start, on_step=on_step, stop=stop)
+                 Path(workdir), start=start, on_step=on_step, stop=stop)
 
 
 # ---------------------------------------------------------------- the quality gate

@@ -76,7 +76,7 @@ def run_one(name: str, config: TrainConfig, threads: int) -> tuple[str, dict]:
 
     torch.set_num_threads(threads)
     out = ROOT / "runs" / "reproduce" / name
-    figures = train_and_evaluate(config, out, transfer=("cifar-resnet56",), show_progress=False)
+    figures = train_and_evaluate(config, out, transfer=("cifar-resnet56",))
     history = json.loads((out / "history.json").read_text())
     return name, {"config": config.to_dict(), "metrics": figures, "history": history}
 

@@ -52,6 +52,7 @@ class Agent:
         self.port = free_port()
         self.env = {**os.environ, "AGENT_HOME": str(home), "AGENT_PASSPHRASE": PASSPHRASE}
         self.process: subprocess.Popen | None = None
+        self.log = home / "serve.log"
 
     @property
     def url(self) -> str:
@@ -64,11 +65,13 @@ class Agent:
         return done.stdout
 
     def start(self) -> None:
-        self.process = subprocess.Popen([str(AGENT), "serve", "--port", str(self.port)], env=self.env,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # its log goes to a file: a pipe nobody reads fills up and blocks the agent mid-request
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen([str(AGENT), "serve", "--port", str(self.port)], env=self.env,
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.stderr.read().decode()
+            assert self.process.poll() is None, self.log.read_text()
             try:
                 with urllib.request.urlopen(f"{self.url}/v1/status", timeout=1) as response:
                     if response.status == 200:
@@ -80,7 +83,12 @@ class Agent:
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(30)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+                raise AssertionError(f"agent serve did not stop within 30 s of SIGTERM:\n{self.log.read_text()}")
 
 
 @pytest.fixture(scope="module")

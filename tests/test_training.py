@@ -1,9 +1,11 @@
+import re
+
 import pytest
 import torch
 
 from agent.classifiers import load_classifier
 from agent.data import ImageSet, PhotoSet
-from agent.rgan.config import ModelConfig, ReducerConfig, TrainConfig
+from agent.rgan.config import PHOTO_CONFIG, ModelConfig, ReducerConfig, TrainConfig, train_config
 from agent.rgan.model import load_model
 from agent.rgan.train import (CHECKPOINT_NAME, MODEL_NAME, Channel, build_trainer, load_networks, resume_trainer,
                               save_trainer, train, train_epoch)
@@ -88,7 +90,7 @@ def test_resume_refuses_a_different_configuration(tmp_path, tiny_classifier):
 def test_train_writes_a_loadable_model_and_continues_a_finished_run(tmp_path, tiny_classifier):
     config = small_config(model=ModelConfig(width=4, g_depth=1, r_depth=1, d_width=8,
                                             reducer=ReducerConfig(down="max", up="unpool")))
-    trainer = train(config, random_images(), [tiny_classifier], tmp_path, show_progress=False)
+    trainer = train(config, random_images(), [tiny_classifier], tmp_path)
     assert trainer.epoch == 2 and len(trainer.history) == 2
     assert (tmp_path / CHECKPOINT_NAME).exists()
     model, extra = load_model(tmp_path / MODEL_NAME)
@@ -96,8 +98,13 @@ def test_train_writes_a_loadable_model_and_continues_a_finished_run(tmp_path, ti
     x = torch.rand(1, 3, 16, 16)
     assert torch.equal(model.protect(x), trainer.model.eval().protect(x))
     # asking for more epochs resumes from epoch 2
-    longer = train(config.replace(epochs=3), random_images(), [tiny_classifier], tmp_path, show_progress=False)
+    seen = []
+    longer = train(config.replace(epochs=3), random_images(), [tiny_classifier], tmp_path,
+                   on_step=lambda trainer, step, steps, means: seen.append((trainer.epoch, step, steps, sorted(means))))
     assert longer.epoch == 3 and [h["epoch"] for h in longer.history] == [1, 2, 3]
+    # the caller follows the resumed epoch step by step, with the running losses
+    assert [(epoch, step, steps) for epoch, step, steps, _ in seen] == [(2, 1, 2), (2, 2, 2)]
+    assert "L_G_adv" in seen[-1][3]
 
 
 def test_a_warm_start_takes_another_runs_networks_under_changed_options(tmp_path, tiny_classifier):
@@ -105,7 +112,7 @@ def test_a_warm_start_takes_another_runs_networks_under_changed_options(tmp_path
     train_epoch(first, random_images())
     save_trainer(first, tmp_path / "first")
     changed = small_config(kappa=40.0, lr=5e-4, lr_step=10, epochs=1)
-    trainer = train(changed, random_images(), [tiny_classifier], tmp_path / "second", show_progress=False,
+    trainer = train(changed, random_images(), [tiny_classifier], tmp_path / "second",
                     warm_start=tmp_path / "first")
     assert trainer.epoch == 1 and trainer.config.kappa == 40.0
     assert trainer.optimizers["generator"].param_groups[0]["lr"] == pytest.approx(5e-4)  # a fresh schedule
@@ -144,7 +151,7 @@ def test_channel_transforms_draw_nothing_when_off():
 
 
 def test_keyed_training_writes_a_keyed_model(tmp_path, tiny_classifier):
-    trainer = train(photo_config(), random_photos(), [tiny_classifier], tmp_path, show_progress=False)
+    trainer = train(photo_config(), random_photos(), [tiny_classifier], tmp_path)
     assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in trainer.history)
     assert "L_A_mse" in trainer.history[-1]
     model, extra = load_model(tmp_path / MODEL_NAME)
@@ -154,3 +161,28 @@ def test_keyed_training_writes_a_keyed_model(tmp_path, tiny_classifier):
 def test_the_keyless_attacker_needs_a_keyed_model():
     with pytest.raises(ValueError, match="keyless_weight"):
         small_config(keyless_weight=1.0)
+
+
+def test_train_config_changes_only_what_is_given_in_the_units_people_use():
+    assert train_config("photos") == PHOTO_CONFIG
+    assert train_config("cifar10", epochs=None, width=None) == TrainConfig()
+    config = train_config("photos", epochs=3, width=16, epsilon=10, key_noise=5, down="none", skip=False,
+                          targets=["imagenet-mobilenetv2", "imagenet-resnet18"], train_limit=8, device="cpu")
+    assert config.epochs == 3 and config.train_limit == 8
+    assert config.model.width == 16 and config.model.epsilon == 10 / 255 and config.model.key_noise == 5 / 255
+    assert config.model.reducer.down is None and config.model.reducer.skip is False
+    assert config.model.reducer.up == PHOTO_CONFIG.model.reducer.up and config.model.keyed
+    assert config.targets == ("imagenet-mobilenetv2", "imagenet-resnet18")
+    assert config.kappa == PHOTO_CONFIG.kappa and config.data == "photos"
+
+
+@pytest.mark.parametrize("data, options, message", [
+    ("imagenet", {}, "data must be one of cifar10, photos"),
+    ("photos", {"widht": 8}, "no such training option: widht"),
+    ("photos", {"data": "cifar10"}, "no such training option: data"),
+    ("photos", {"epsilon": 3}, "key_noise must be in [0, epsilon)"),
+    ("cifar10", {"down": "bogus"}, "down-sampling"),
+])
+def test_train_config_refuses_what_makes_no_config(data, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_config(data, **options)

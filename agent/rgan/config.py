@@ -184,3 +184,36 @@ PHOTO_CONFIG = TrainConfig(
     resize_min=0.4,
     jpeg_prob=0.5,
 )
+
+PRESETS = {"cifar10": TrainConfig(), "photos": PHOTO_CONFIG}
+# options given in grey levels out of 255, as people think of a bound; the configs hold [0, 1]
+GREY_LEVEL_OPTIONS = ("epsilon", "key_noise")
+
+
+def _field_names(kind: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(kind)}
+
+
+def train_config(data: str, /, **options: Any) -> TrainConfig:
+    """`data`'s preset with `options` changed: any field of `TrainConfig`, `ModelConfig` or
+    `ReducerConfig`, by name (what `agent train` offers). None keeps the preset's value;
+    `epsilon` and `key_noise` are in grey levels; `down="none"` is the paper's model without DR."""
+    if data not in PRESETS:
+        raise ValueError(f"data must be one of {', '.join(PRESETS)}, got {data!r}")
+    given = {name: value for name, value in options.items() if value is not None}
+    reducer_names, model_names = _field_names(ReducerConfig), _field_names(ModelConfig) - {"reducer"}
+    train_names = _field_names(TrainConfig) - {"model", "data"}
+    unknown = sorted(set(given) - reducer_names - model_names - train_names)
+    if unknown:
+        raise ValueError(f"no such training option: {', '.join(unknown)}")
+    for name in GREY_LEVEL_OPTIONS:
+        if name in given:
+            given[name] = given[name] / 255
+    if given.get("down") == "none":
+        given["down"] = None
+    if "targets" in given:
+        given["targets"] = tuple(given["targets"])
+    preset = PRESETS[data]
+    reducer = dataclasses.replace(preset.model.reducer, **{k: v for k, v in given.items() if k in reducer_names})
+    model = dataclasses.replace(preset.model, reducer=reducer, **{k: v for k, v in given.items() if k in model_names})
+    return preset.replace(model=model, **{k: v for k, v in given.items() if k in train_names})

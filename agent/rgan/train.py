@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import time
@@ -36,7 +37,6 @@ from torch import distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..atomic import atomic_path
 from ..data import ImageSet, PhotoSet, augment, random_crops, to_float
@@ -240,6 +240,10 @@ def _batch(config: TrainConfig, data: ImageSet | PhotoSet, index: torch.Tensor,
     return augment(to_float(data.images[index]), generator)
 
 
+# on_step(trainer, step, steps, means): how a caller follows training (the CLI draws its bar)
+StepCallback = Callable[["Trainer", int, int, dict[str, float]], None]
+
+
 class TrainingStopped(Exception):
     """`stop` asked for it between two steps: the epoch was not finished, and nothing was saved for
     it (the last checkpoint resumes the run, which then repeats the same batches)."""
@@ -346,11 +350,10 @@ def train(
     targets: list[nn.Module],
     out_dir: Path,
     resume: bool = True,
-    show_progress: bool = True,
     *,
     start: RGAN | None = None,
     warm_start: Path | None = None,
-    on_step: Callable[[Trainer, int, int, dict[str, float]], None] | None = None,
+    on_step: StepCallback | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> Trainer:
     """Trains until `config.epochs`, checkpointing after every epoch, then writes the model.
@@ -371,24 +374,11 @@ def train(
     if resume:
         resume_trainer(trainer, out_dir)
     data = data.subset(config.train_limit)
-    columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.fields[losses]}"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not (show_progress and writer)) as progress:
-        task = progress.add_task("train", total=config.epochs, completed=trainer.epoch,
-                                 epoch=trainer.epoch, losses="")
-
-        def show(step: int, steps: int, means: dict[str, float]) -> None:
-            text = " ".join(f"{name}={value:.3f}" for name, value in means.items())
-            progress.update(task, losses=text)
-            if on_step:
-                on_step(trainer, step, steps, means)
-
-        while trainer.epoch < config.epochs:
-            progress.update(task, epoch=trainer.epoch + 1)
-            train_epoch(trainer, data, on_step=show, stop=stop)
-            if writer:
-                save_trainer(trainer, out_dir)
-            progress.update(task, completed=trainer.epoch)
+    while trainer.epoch < config.epochs:
+        train_epoch(trainer, data, stop=stop,
+                    on_step=None if on_step is None else functools.partial(on_step, trainer))
+        if writer:
+            save_trainer(trainer, out_dir)
     if writer:
         save_model(trainer.model, out_dir / MODEL_NAME, extra={"config": config.to_dict(), "epochs": trainer.epoch})
         with atomic_path(out_dir / HISTORY_NAME) as tmp:
