@@ -207,16 +207,18 @@ def default_model() -> RGAN:
 
 
 def protect(image: np.ndarray, key: bytes, options: ProtectOptions = ProtectOptions(),
-            model: RGAN | None = None) -> tuple[np.ndarray, ProtectInfo]:
+            model: RGAN | None = None, *, original_size: tuple[int, int] | None = None) -> tuple[np.ndarray, ProtectInfo]:
     """Protects a photo ((H, W) or (H, W, C) uint8/uint16) with the key, by the refine scheme;
-    `model` (a keyed RGAN, by default the shipped one) proposes where the steps start.
+    `model` (a keyed RGAN, by default the shipped one) proposes where the steps start. With
+    `original_size` (width, height), `image` is already that photo's `working_copy`: a caller that
+    needs the working copy too resizes once.
 
     Returns the protected image at working resolution, in colour (RGB or RGBA, same dtype), and
     the `ProtectInfo` that recovery and provenance need (its `recovery`: what the record keeps
     sealed). Alpha is carried over untouched. Attempts are made until both views of the surrogate
     are fooled (at most `refine.ATTEMPTS`); the info says which one was kept.
     """
-    pixels, mode, (width, height), (work_w, work_h) = _working(image, key, options)
+    pixels, mode, (width, height), (work_w, work_h) = _working(image, key, options, original_size)
     colour, alpha = _split(pixels)
     # Grayscale photos come back in colour: the classifiers look at colour, and the field is per
     # channel; the three channels of a grey original recover identical, so recovery gives the grey
@@ -257,11 +259,18 @@ def protect_rgan(image: np.ndarray, key: bytes, options: ProtectOptions = Protec
                                strength=options.strength)
 
 
-def _working(image: np.ndarray, key: bytes, options: ProtectOptions):
-    """The checked image at its working resolution, its layout, original and working sizes."""
+def _working(image: np.ndarray, key: bytes, options: ProtectOptions, original_size: tuple[int, int] | None = None):
+    """The checked image at its working resolution, its layout, original and working sizes
+    (`image` is already at the working size when the original's is given)."""
     pixels, mode = _check_image(image)
     check_key(key)
     height, width = pixels.shape[:2]
+    if original_size is not None:
+        work = working_size(*original_size, options.max_side)
+        if work != (width, height):
+            raise ValueError(f"the image is {width}×{height}, not the working size {work[0]}×{work[1]} "
+                             f"of a {original_size[0]}×{original_size[1]} photo")
+        return pixels, mode, tuple(original_size), work
     work_w, work_h = working_size(width, height, options.max_side)
     if (work_w, work_h) != (width, height):
         pixels = resize(pixels, work_w, work_h)

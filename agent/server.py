@@ -46,11 +46,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from . import __version__, images, pipeline
-from . import provenance as prov
+from . import store as db
 from .batching import Accelerator
 from .keys import UserKeys
 from .pipeline import ProtectOptions
-from .provenance import DatabaseLockedError, ProvenanceError
+from .store import DatabaseLockedError, ProvenanceError
 from .service import jobs, models, pairing
 from .service.home import LOCK_WAIT, AgentBusyError, ServiceError, database, resolve_user, unlock
 from .service.protect import protect_bytes
@@ -483,14 +483,14 @@ class _State:
         """The user's records, newest first, `limit` at a time; the cursor is the last one's place
         in the user's chain. File names and sites decrypted (the key is unlocked)."""
         with self.factory() as session:
-            records = prov.list_records(session, self.keys.user)
+            records = db.list_records(session, self.keys.user)
         records.sort(key=lambda r: r.seq, reverse=True)
         if before is not None:
             records = [r for r in records if r.seq < before]
         page = []
         for record in records[:limit]:
             try:
-                record = prov.decrypt_record(record, self.keys)
+                record = db.decrypt_record(record, self.keys)
             except ProvenanceError:
                 pass  # answered with `decrypted: false`; `agent log verify` tells what happened
             page.append(record.to_dict())

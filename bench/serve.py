@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent import keys as keystore
 from agent import pipeline
-from agent import provenance as prov
+from agent import store as db
 from agent.atomic import write_text
 from agent.service import pairing, users
 from bench.sections import write_section
@@ -99,7 +99,7 @@ async def run(levels: list[int], requests: int, options: ServerOptions) -> list[
         home = Path(folder) / "home"
         users.init_user(home, USER, PASSPHRASE, kdf_n=2**14)  # the store's minimum: the unlock is not measured
         keys = keystore.unlock(keystore.key_store(home), USER, PASSPHRASE)
-        factory = prov.open_database(prov.database_path(home))
+        factory = db.open_database(db.database_path(home))
         try:
             tokens = [pairing.redeem_code(factory, pairing.create_code(factory, USER).code, ORIGIN, user=USER,
                                           guard=pairing.FailureGuard()).token for _ in range(max(levels))]

@@ -1,6 +1,6 @@
 """Alembic environment for the provenance database (see README.md beside this file).
 
-The agent runs it through `agent.provenance.migrate`, which passes its own connection (already in a
+The agent runs it through `agent.store.migrate`, which passes its own connection (already in a
 BEGIN IMMEDIATE transaction) as `config.attributes["connection"]`. From the command line it opens
 the database given by `-x db=PATH` (default: the agent's own, under $AGENT_HOME) with the agent's
 connection settings.
@@ -10,10 +10,10 @@ from pathlib import Path
 
 from alembic import context
 
-from agent import provenance
+from agent import store as db
 
 config = context.config
-target_metadata = provenance.Base.metadata
+target_metadata = db.Base.metadata
 
 
 def _configure(**options) -> None:
@@ -42,10 +42,10 @@ def run_migrations_online() -> None:
     # the command line shows what it does; the agent itself stays quiet
     logging.basicConfig(format="%(levelname)-5.5s [%(name)s] %(message)s")
     logging.getLogger("alembic").setLevel(logging.INFO)
-    path = Path(context.get_x_argument(as_dictionary=True).get("db") or provenance.database_path(agent_home()))
-    engine = provenance.make_engine(path)
+    path = Path(context.get_x_argument(as_dictionary=True).get("db") or db.database_path(agent_home()))
+    engine = db.make_engine(path)
     try:
-        with engine.connect().execution_options(**provenance.WRITE_OPTIONS) as connection, connection.begin():
+        with engine.connect().execution_options(**db.WRITE_OPTIONS) as connection, connection.begin():
             _configure(connection=connection, transactional_ddl=True)
             with context.begin_transaction():
                 context.run_migrations()

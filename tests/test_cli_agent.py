@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from agent import keys as keystore
-from agent import provenance as prov
+from agent import store as db
 
 from agent.cli import app
 from agent.images import image_psnr
@@ -115,8 +115,8 @@ def test_init_protect_log_verify_recover_with_the_runner(env, tmp_path):
 
     # tampering: one record's PSNR changed in the database
     target = protected["park.png"]["record_id"]
-    with sqlite3.connect(prov.database_path(Path(env["AGENT_HOME"]))) as db:
-        db.execute("UPDATE protections SET psnr = 50.0 WHERE id = ?", (target,))
+    with sqlite3.connect(db.database_path(Path(env["AGENT_HOME"]))) as connection:
+        connection.execute("UPDATE protections SET psnr = 50.0 WHERE id = ?", (target,))
     result = agent(env, "log", "verify")
     assert result.exit_code == 1 and f"altered: user 'default' #1 record {target}" in result.output
     report = json.loads(agent(env, "log", "verify", "--json").stdout)
@@ -212,7 +212,7 @@ def test_bad_input_gets_one_clear_line_and_exit_2(env, tmp_path, monkeypatch, ca
     elif case == "locked log":  # something other than an agent holds SQLite's write lock
         monkeypatch.setattr(service_home, "DB_TIMEOUT", 0.2)
         expected = "the provenance database is locked by another process"
-        other = sqlite3.connect(prov.database_path(Path(env["AGENT_HOME"])), isolation_level=None)
+        other = sqlite3.connect(db.database_path(Path(env["AGENT_HOME"])), isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
             result = agent(env, *args, **overrides)
@@ -292,8 +292,8 @@ def test_a_kill_at_any_step_of_a_protection_leaves_a_consistent_home_and_a_rerun
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr
 
     def consistent() -> set[str]:
-        with sqlite3.connect(prov.database_path(home)) as db:
-            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        with sqlite3.connect(db.database_path(home)) as connection:
+            assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert verify_log(home).ok
         recorded = {r.protected_sha256 for r in log_records(home).records}
         outputs = sorted(p for p in photos.glob("*.protected.*") if not p.name.startswith("."))

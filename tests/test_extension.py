@@ -169,6 +169,11 @@ def wait_for_uploads(site: SocialSite, count: int, page, timeout: float = 120) -
             shown = notices.first.inner_text() if notices.count() else "no notice"
             raise AssertionError(f"the site received {len(site.uploads)} files, expected {count} ({shown})")
         time.sleep(0.1)
+    if site.uploads[-1].path == "form":
+        # the site has the file before the browser has its answer page: a page closed while that
+        # navigation commits is never closed, and Playwright's close() waits forever (Chromium
+        # acks the close and drops it: microsoft/playwright#42366)
+        page.wait_for_url("**/upload?via=form", wait_until="load")
 
 
 def records(agent: Agent) -> list[dict]:

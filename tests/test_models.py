@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from agent import keys as keystore
 from agent import images, pipeline
-from agent import provenance as prov
+from agent import store as db
 from agent.cli import app
 from agent.images import image_psnr
 from agent.pipeline import DEFAULT_MODEL_PATH
@@ -78,7 +78,7 @@ def alice(home: Path) -> keystore.UserKeys:
 def model_row(home: Path, user: str, sha256: str):
     with database(home) as factory, factory() as session:
         owner = logged_user(session, user)
-        return session.scalar(select(prov.ModelRow).where(prov.ModelRow.user_id == owner.id, prov.ModelRow.sha256 == sha256))
+        return session.scalar(select(db.ModelRow).where(db.ModelRow.user_id == owner.id, db.ModelRow.sha256 == sha256))
 
 
 def table(home: Path, user: str = "alice") -> list[tuple[str, bool]]:
@@ -318,7 +318,7 @@ def test_protection_uses_the_active_model_and_recovery_the_one_that_protected(ho
     [done] = protect_paths(home, "alice", PW, [photo], tmp_path / "out")
     assert done.ok
     with database(home) as factory, factory() as session:
-        [record] = prov.list_records(session)
+        [record] = db.list_records(session)
     assert record.model_sha256 == sha(variant.read_bytes())
     assert record.params["model"] == "variant"
 

@@ -31,9 +31,9 @@ def test_the_wheel_holds_the_models_and_the_migrations(wheel):
 def test_an_installed_agent_creates_its_database_from_the_migrations_it_carries(wheel, tmp_path):
     installed = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(installed)
-    script = ("import agent.provenance as p, sys; "
-              "assert p.MIGRATIONS_DIR == p.Path(sys.argv[1]) / 'agent' / 'migrations', p.MIGRATIONS_DIR; "
-              "p.open_database(p.Path(sys.argv[2]))")
+    script = ("import agent.store as db, sys; from pathlib import Path; "
+              "assert db.MIGRATIONS_DIR == Path(sys.argv[1]) / 'agent' / 'migrations', db.MIGRATIONS_DIR; "
+              "db.open_database(Path(sys.argv[2]))")
     # run from elsewhere, with the unpacked wheel ahead of this checkout on the path
     env = {**os.environ, "PYTHONPATH": str(installed)}
     subprocess.run([sys.executable, "-c", script, str(installed), str(tmp_path / "log.sqlite3")],

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from agent import provenance as prov
+from agent import store as db
 from agent.cli import app
 from agent.service import pairing
 from agent.service.home import resolve_user
@@ -32,7 +32,7 @@ def home(tmp_path):
 
 @pytest.fixture
 def factory(home):
-    factory = prov.open_database(prov.database_path(home))
+    factory = db.open_database(db.database_path(home))
     yield factory
     factory.kw["bind"].dispose()
 
@@ -49,7 +49,7 @@ def test_a_code_is_short_typeable_stored_hashed_and_pairs_once(factory):
     assert not set("01OIL") & set(pairing.CODE_ALPHABET)
     assert code.expires == "2026-01-01T12:05:00.000000Z"
     with factory() as session:
-        rows = session.scalars(select(prov.PairingCodeRow)).all()
+        rows = session.scalars(select(db.PairingCodeRow)).all()
     assert [r.code_hash for r in rows] == [hashlib.sha256(code.code.replace("-", "").encode()).hexdigest()]
 
     # typed as a person would: lower case, without the dash
@@ -60,10 +60,10 @@ def test_a_code_is_short_typeable_stored_hashed_and_pairs_once(factory):
     token_id, secret = issued.token.split(".")
     assert token_id == issued.info.id and len(token_id) == 16 and len(secret) >= 43
     with factory() as session:
-        row = session.get(prov.TokenRow, token_id)
+        row = session.get(db.TokenRow, token_id)
         assert row.token_hash == hashlib.sha256(issued.token.encode()).hexdigest()
         assert issued.token not in repr(row.__dict__)
-        assert session.scalars(select(prov.PairingCodeRow)).all() == []  # used up
+        assert session.scalars(select(db.PairingCodeRow)).all() == []  # used up
     with pytest.raises(PairingError, match="wrong or expired") as caught:
         pairing.redeem_code(factory, code.code, CHROME, user="alice", guard=FailureGuard())
     assert caught.value.reason == "bad_code"
@@ -77,7 +77,7 @@ def test_an_expired_code_does_not_pair_and_is_cleared_by_the_next(factory):
     assert caught.value.reason == "bad_code"
     pairing.create_code(factory, "alice", now=T0 + timedelta(minutes=6))
     with factory() as session:
-        assert len(session.scalars(select(prov.PairingCodeRow)).all()) == 1
+        assert len(session.scalars(select(db.PairingCodeRow)).all()) == 1
 
 
 def test_codes_need_a_user_of_the_log_and_belong_to_that_user(home, factory):

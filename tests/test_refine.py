@@ -202,6 +202,18 @@ def test_protection_is_deterministic_and_keyed(protected_sample):
     assert not np.array_equal(other, protected)
 
 
+def test_a_working_copy_with_its_originals_size_is_protected_as_the_photo_itself():
+    original, options = photo(320, 240), ProtectOptions(max_side=200)
+    whole, whole_info = protect(original, KEY, options)
+    working = pipeline.working_copy(original, options)
+    assert working.shape[:2] == (150, 200)
+    again, info = protect(working, KEY, options, original_size=(320, 240))
+    assert np.array_equal(again, whole) and info.original_size == (320, 240) and info.working_size == (200, 150)
+    assert info.to_dict() == whole_info.to_dict()
+    with pytest.raises(ValueError, match="not the working size 200×150 of a 320×240 photo"):
+        protect(original, KEY, options, original_size=(320, 240))
+
+
 def test_recovery_is_the_same_whatever_the_thread_count(protected_sample):
     """The field is recomputed on a fixed number of threads: the caller's setting cannot change it."""
     original, protected, info = protected_sample

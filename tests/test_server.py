@@ -30,7 +30,7 @@ from conftest import SAMPLE
 from PIL import Image
 
 from agent import keys as keystore
-from agent import provenance as prov
+from agent import store as db
 from agent import server
 from agent.pipeline import DEFAULT_MODEL_PATH
 from agent.server import STATE, ServerOptions, TokenBucket, WaitingLine, make_app, resolve_port, runner_settings
@@ -78,7 +78,7 @@ def keys(home):
 
 @pytest.fixture
 def factory(home):
-    factory = prov.open_database(prov.database_path(home))
+    factory = db.open_database(db.database_path(home))
     yield factory
     factory.kw["bind"].dispose()
 
@@ -138,7 +138,7 @@ async def test_status_says_who_and_what_without_secrets(serve, factory):
     assert response.status == 200
     body = await response.json()
     assert body["user"] == "alice" and body["unlocked"] is True and body["api"] == 1
-    assert body["model"] == {"name": "default", "sha256": prov.file_sha256(DEFAULT_MODEL_PATH)}
+    assert body["model"] == {"name": "default", "sha256": db.file_sha256(DEFAULT_MODEL_PATH)}
     assert body["jobs"] == []
     assert body["strengths"] == ["low", "medium", "high"] and body["default_strength"] == "medium"
     text = json.dumps(body)
@@ -320,7 +320,7 @@ async def test_protect_a_raw_png_returns_a_png_and_logs_a_signed_record(serve, f
     assert data != original and decoded(data).size == (64, 48)
     record_id = response.headers["X-Agent-Record"]
     with factory() as session:
-        [record] = prov.list_records(session, "alice", keys=keys)
+        [record] = db.list_records(session, "alice", keys=keys)
     assert record.id == record_id and record.source == "extension"
     assert record.file_name == "café photo.png" and record.site == "https://social.example"
     assert record.protected_sha256 == hashlib.sha256(data).hexdigest()
@@ -336,7 +336,7 @@ async def test_protect_multipart_jpeg_keeps_the_format_and_the_file_name(serve, 
     assert response.status == 200, await response.text()
     assert response.content_type == "image/jpeg" and decoded(await response.read()).format == "JPEG"
     with factory() as session:
-        [record] = prov.list_records(session, "alice", keys=keys)
+        [record] = db.list_records(session, "alice", keys=keys)
     assert record.file_name == "holiday.jpg" and record.site is None and record.params["quality"] >= 92
 
 
@@ -356,7 +356,7 @@ async def test_protect_options_max_side_and_strength(serve, factory):
     # high moves the photo further than low; the record says which was used
     assert np.abs(high - original).mean() > np.abs(low - original).mean()
     with factory() as session:
-        strengths = {r.params["strength"] for r in prov.list_records(session, "alice")}
+        strengths = {r.params["strength"] for r in db.list_records(session, "alice")}
     assert strengths == {"medium", "low", "high"}
     message = await problem(await client.post("/v1/protect?strength=standard", data=photo(), headers=headers),
                             400, "bad_option")
@@ -412,7 +412,7 @@ async def test_protect_refuses_bad_images_and_bodies(serve, factory):
     await problem(await client.post("/v1/protect", data=form, headers=auth(token)), 400, "bad_form")
     await problem(await post(b"--x\r\nno end", "multipart/form-data; boundary=x"), 400, "bad_form")
     with factory() as session:
-        assert prov.list_records(session) == []
+        assert db.list_records(session) == []
 
 
 @aio
@@ -752,7 +752,7 @@ async def test_shutdown_finishes_the_request_in_flight(home, keys, factory, bloc
         assert response.status == 200 and response.headers["X-Agent-Record"]
         await stopping
     with factory() as session:
-        assert len(prov.list_records(session)) == 1
+        assert len(db.list_records(session)) == 1
 
 
 def test_resolve_port(monkeypatch):
@@ -793,7 +793,7 @@ async def test_uploads_arriving_together_each_get_their_own_record(serve, factor
     datas = [await r.read() for r in responses]
     assert len(set(datas)) == 4
     with factory() as session:
-        records = prov.list_records(session, "alice", keys=keys)
+        records = db.list_records(session, "alice", keys=keys)
     assert {r.protected_sha256 for r in records} == {hashlib.sha256(d).hexdigest() for d in datas}
     inference = (await (await client.get("/v1/status")).json())["inference"]
     assert inference["device"] == "cpu" and inference["micro_batch"] == 4

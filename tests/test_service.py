@@ -18,12 +18,12 @@ from sqlalchemy import select
 
 from agent import keys as keystore
 from agent import images, pipeline
-from agent import provenance as prov
+from agent import store as db
 from agent.images import encode_image, estimate_jpeg_quality, image_psnr, webp_lossless
 from agent.keys import KeyStoreError
 from agent.images import read_image
 from agent.pipeline import DEFAULT_MODEL_PATH, ProtectOptions
-from agent.provenance import DatabaseLockedError, ProvenanceError
+from agent.store import DatabaseLockedError, ProvenanceError
 from agent.service import home as service_home
 from agent.service.home import AgentBusyError, ServiceError, resolve_user
 from agent.service.log import check_image, log_records, verify_log
@@ -87,7 +87,7 @@ def photos(tmp_path):
     return folder
 
 
-def records_by_id(home: Path) -> dict[str, prov.Record]:
+def records_by_id(home: Path) -> dict[str, db.Record]:
     return {r.id: r for r in log_records(home, {"alice": PW}).records}
 
 
@@ -97,13 +97,13 @@ def test_init_user_writes_keys_and_log_rows_and_registers_the_default_model(tmp_
     home = tmp_path / "home"
     info = init_user(home, "alice", PW, kdf_n=KDF)
     assert (home / "keys" / "alice.key").is_file() and info["kdf"]["n"] == KDF
-    factory = prov.open_database(prov.database_path(home))
+    factory = db.open_database(db.database_path(home))
     try:
         with factory() as session:
-            user = session.scalar(select(prov.UserRow).where(prov.UserRow.name == "alice"))
+            user = session.scalar(select(db.UserRow).where(db.UserRow.name == "alice"))
             assert [(k.key_id, k.active) for k in user.keys] == [(info["active_key_id"], True)]
-            models = session.scalars(select(prov.ModelRow)).all()
-            assert [(m.sha256, m.user_id) for m in models] == [(prov.file_sha256(DEFAULT_MODEL_PATH), None)]
+            models = session.scalars(select(db.ModelRow)).all()
+            assert [(m.sha256, m.user_id) for m in models] == [(db.file_sha256(DEFAULT_MODEL_PATH), None)]
     finally:
         factory.kw["bind"].dispose()
     with pytest.raises(KeyStoreError, match="already has a key file"):
@@ -205,7 +205,7 @@ def test_protect_a_folder_keeps_formats_orientation_and_safe_metadata(home, phot
         assert record.original_sha256 == originals[r.source]
         assert record.protected_sha256 == sha(r.output)
         assert record.rgan_key_id == show_keys(home, "alice")["active_key_id"]
-        assert record.model_sha256 == prov.file_sha256(DEFAULT_MODEL_PATH)
+        assert record.model_sha256 == db.file_sha256(DEFAULT_MODEL_PATH)
         assert record.params["protect_info"]["working_size"] == list(r.working_size)
         assert record.params["format"] == r.format and record.params["max_side"] == 2048
         working = pipeline.working_copy(read_image(r.source))
@@ -376,7 +376,7 @@ def test_a_second_agent_process_and_a_locked_log_get_clear_errors(home, photos, 
         with pytest.raises(AgentBusyError, match="another agent process"):
             protect_paths(home, "alice", PW, [photos / "a.png"])
     monkeypatch.setattr(service_home, "DB_TIMEOUT", 0.2)
-    other = sqlite3.connect(prov.database_path(home), isolation_level=None)
+    other = sqlite3.connect(db.database_path(home), isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
         with pytest.raises(DatabaseLockedError, match="locked by another process"):
@@ -406,8 +406,8 @@ def test_a_tampered_record_is_named_by_verify_and_check(tmp_path, photos):
     home = make_home(tmp_path)
     first, second = protect_paths(home, None, PW, [photos / "a.png", photos / "c.jpg"])
     assert verify_log(home).ok
-    with sqlite3.connect(prov.database_path(home)) as db:
-        db.execute("UPDATE protections SET psnr = 99.0 WHERE id = ?", (first.record_id,))
+    with sqlite3.connect(db.database_path(home)) as connection:
+        connection.execute("UPDATE protections SET psnr = 99.0 WHERE id = ?", (first.record_id,))
     report = verify_log(home)
     assert not report.ok and [p.record_id for p in report.altered] == [first.record_id]
     checked = check_image(home, first.output)
@@ -416,18 +416,19 @@ def test_a_tampered_record_is_named_by_verify_and_check(tmp_path, photos):
 
 
 def _tamper(home: Path, record_id: str, how: str) -> None:
-    with sqlite3.connect(prov.database_path(home)) as db:
+    with sqlite3.connect(db.database_path(home)) as connection:
         if how == "params":
             # the colour photo's record made to say grayscale: a "recovery" in grey
-            (text,) = db.execute("SELECT params FROM protections WHERE id = ?", (record_id,)).fetchone()
+            (text,) = connection.execute("SELECT params FROM protections WHERE id = ?", (record_id,)).fetchone()
             assert '"RGB"' in text
-            db.execute("UPDATE protections SET params = ? WHERE id = ?", (text.replace('"RGB"', '"L"'), record_id))
+            connection.execute("UPDATE protections SET params = ? WHERE id = ?",
+                               (text.replace('"RGB"', '"L"'), record_id))
         elif how == "psnr":
-            db.execute("UPDATE protections SET psnr = 99.0 WHERE id = ?", (record_id,))
+            connection.execute("UPDATE protections SET psnr = 99.0 WHERE id = ?", (record_id,))
         elif how == "key id":
-            db.execute("UPDATE protections SET rgan_key_id = 'ffffffffffffffff' WHERE id = ?", (record_id,))
+            connection.execute("UPDATE protections SET rgan_key_id = 'ffffffffffffffff' WHERE id = ?", (record_id,))
         else:
-            db.execute("DELETE FROM protections WHERE id = ?", (record_id,))
+            connection.execute("DELETE FROM protections WHERE id = ?", (record_id,))
 
 
 @pytest.mark.parametrize("how", ["params", "psnr", "key id", "deleted"])

@@ -1,5 +1,6 @@
-"""The provenance log: schema and migrations, records and look-ups, encryption at rest, the signed
-hash chain and what `verify_chain` names, the canonical form's known answer, locking."""
+"""The provenance store (agent/store/): schema and migrations, records and look-ups, encryption at
+rest, the signed hash chain and what `verify_chain` names, the canonical form's known answer
+(records/README.md), locking."""
 
 import base64
 import dataclasses
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 from sqlalchemy import inspect, text
 
-from agent import provenance as prov
+from agent import store as db
 from agent.keys import create_user
 from agent.pipeline import ProtectInfo
 
@@ -36,7 +37,7 @@ def users(tmp_path_factory):
 
 @pytest.fixture
 def factory(tmp_path):
-    made = prov.open_database(tmp_path / "log.sqlite3", timeout=2.0)
+    made = db.open_database(tmp_path / "log.sqlite3", timeout=2.0)
     yield made
     made.kw["bind"].dispose()
 
@@ -61,8 +62,8 @@ def _png(pixels: np.ndarray) -> bytes:
 
 def _record(session, keys, photo, *, n=0, **extra):
     original, protected, info = photo
-    model = prov.register_model(session, "photo-rgan", "ab" * 32)
-    return prov.record_protection(
+    model = db.register_model(session, "photo-rgan", "ab" * 32)
+    return db.record_protection(
         session, keys, original=original + bytes([n]) if n else original, protected=protected, info=info,
         model=model, file_name=NAME, site=SITE, params={"strength": "medium", "max_side": 2048},
         psnr=38.25, self_check_asr=0.875, **extra)
@@ -83,7 +84,7 @@ def _raw(factory, sql, **params):
 
 def _verify(factory, users):
     with factory() as session:
-        return prov.verify_chain(session, {u.user: u.public_key_bytes for u in users.values()})
+        return db.verify_chain(session, {u.user: u.public_key_bytes for u in users.values()})
 
 
 # ---------------------------------------------------------------- schema
@@ -94,7 +95,7 @@ def test_reopening_an_open_database_never_touches_its_file_outside_sqlite(tmp_pa
     service keeps one engine open while each request opens the log again, so a stray open/close
     let another process checkpoint the WAL under it (a corrupt database, seen in the browser tests)."""
     path = tmp_path / "log.db"
-    first = prov.open_database(path)
+    first = db.open_database(path)
     opened = []
     real_open = os.open
 
@@ -106,7 +107,7 @@ def test_reopening_an_open_database_never_touches_its_file_outside_sqlite(tmp_pa
     monkeypatch.setattr(os, "open", recording_open)
     with first() as session:
         session.execute(text("SELECT 1 FROM users"))
-        second = prov.open_database(path)
+        second = db.open_database(path)
         second.kw["bind"].dispose()
     first.kw["bind"].dispose()
     assert path not in opened
@@ -114,7 +115,7 @@ def test_reopening_an_open_database_never_touches_its_file_outside_sqlite(tmp_pa
 
 def test_migrations_create_the_schema_once_and_wal_is_on(tmp_path, users, photo):
     path = tmp_path / "fresh.sqlite3"
-    first = prov.open_database(path)
+    first = db.open_database(path)
     engine = first.kw["bind"]
     names = set(inspect(engine).get_table_names())
     assert {"users", "keys", "models", "protections", "pairing_codes", "tokens", "alembic_version"} <= names
@@ -128,10 +129,10 @@ def test_migrations_create_the_schema_once_and_wal_is_on(tmp_path, users, photo)
     engine.dispose()
     assert (path.stat().st_mode & 0o777) == 0o600
 
-    again = prov.open_database(path)  # already at head: a no-op that keeps the data
+    again = db.open_database(path)  # already at head: a no-op that keeps the data
     with again() as session:
         assert session.scalar(text("SELECT version_num FROM alembic_version")) == version == "0003"
-        assert len(prov.list_records(session)) == 1
+        assert len(db.list_records(session)) == 1
     again.kw["bind"].dispose()
 
 
@@ -141,23 +142,23 @@ def test_the_migrations_match_the_models(factory):
 
     with factory.kw["bind"].connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
-        assert compare_metadata(context, prov.Base.metadata) == []
+        assert compare_metadata(context, db.Base.metadata) == []
 
 
 def test_a_database_from_a_newer_agent_is_refused(tmp_path):
     path = tmp_path / "newer.sqlite3"
-    prov.open_database(path).kw["bind"].dispose()
+    db.open_database(path).kw["bind"].dispose()
     with sqlite3.connect(path) as connection:
         connection.execute("UPDATE alembic_version SET version_num = '9999_future'")
-    with pytest.raises(prov.ProvenanceError, match="newer agent"):
-        prov.open_database(path)
+    with pytest.raises(db.ProvenanceError, match="newer agent"):
+        db.open_database(path)
 
 
 def test_a_file_that_is_not_a_database_is_refused_clearly(tmp_path):
     path = tmp_path / "photo.jpg.sqlite3"
     path.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 16)
-    with pytest.raises(prov.ProvenanceError, match="not a database.*restore it from a backup"):
-        prov.open_database(path)
+    with pytest.raises(db.ProvenanceError, match="not a database.*restore it from a backup"):
+        db.open_database(path)
 
 
 # ---------------------------------------------------------------- records and look-ups
@@ -175,10 +176,10 @@ def test_record_and_find_by_hash_and_by_perceptual_hash(factory, users, photo):
     assert record.params["strength"] == "medium" and (record.psnr, record.self_check_asr) == (38.25, 0.875)
 
     with factory() as session:
-        by_protected = prov.find_by_sha256(session, hashlib.sha256(protected).hexdigest())
-        by_original = prov.find_by_sha256(session, hashlib.sha256(original).digest(), original=True)
+        by_protected = db.find_by_sha256(session, hashlib.sha256(protected).hexdigest())
+        by_original = db.find_by_sha256(session, hashlib.sha256(original).digest(), original=True)
         assert [r.id for r in by_protected] == [r.id for r in by_original] == [record.id]
-        assert prov.find_by_sha256(session, hashlib.sha256(original).hexdigest()) == []  # not a protected file
+        assert db.find_by_sha256(session, hashlib.sha256(original).hexdigest()) == []  # not a protected file
 
         # what a platform serves: downscaled and recompressed as JPEG
         copy = Image.open(io.BytesIO(protected)).convert("RGB")
@@ -186,37 +187,37 @@ def test_record_and_find_by_hash_and_by_perceptual_hash(factory, users, photo):
         served = io.BytesIO()
         copy.save(served, "JPEG", quality=70)
         assert hashlib.sha256(served.getvalue()).hexdigest() != record.protected_sha256
-        found = prov.find_by_phash(session, prov.perceptual_hash(served.getvalue()))
+        found = db.find_by_phash(session, db.perceptual_hash(served.getvalue()))
         assert [r.id for _, r in found] == [record.id]
         assert found[0][0] <= 4
 
         # another picture (the photo upside down) is far away
-        other = prov.perceptual_hash(np.ascontiguousarray(np.asarray(copy)[::-1]))
-        assert prov.find_by_phash(session, other) == []
-        assert bin(int(other, 16) ^ int(record.phash, 16)).count("1") > 2 * prov.PHASH_MAX_DISTANCE
+        other = db.perceptual_hash(np.ascontiguousarray(np.asarray(copy)[::-1]))
+        assert db.find_by_phash(session, other) == []
+        assert bin(int(other, 16) ^ int(record.phash, 16)).count("1") > 2 * db.PHASH_MAX_DISTANCE
 
 
 def test_recording_inside_a_transaction_that_already_read(factory, users, photo):
     with factory() as session:  # a DEFERRED transaction that has read: the write lock is taken on top
-        assert prov.list_records(session) == []
+        assert db.list_records(session) == []
         assert _record(session, users["alice"], photo).seq == 1
         session.commit()
     with factory() as session:
-        prov.list_records(session)  # its snapshot predates the next commit...
+        db.list_records(session)  # its snapshot predates the next commit...
         with factory.begin() as other:
             _record(other, users["bob"], photo)
-        with pytest.raises(prov.DatabaseLockedError, match="fresh session"):  # ...so it must start over
+        with pytest.raises(db.DatabaseLockedError, match="fresh session"):  # ...so it must start over
             _record(session, users["alice"], photo, n=1)
     assert _verify(factory, users).ok
 
 
 def test_perceptual_hash_inputs_agree(photo):
     pixels = np.asarray(Image.open(io.BytesIO(photo[1])).convert("RGB"))
-    expected = prov.perceptual_hash(photo[1])
-    assert prov.perceptual_hash(pixels) == prov.perceptual_hash(pixels.astype(np.uint16) * 257) == expected
-    assert prov.perceptual_hash(Image.fromarray(pixels)) == expected
-    with pytest.raises(prov.ProvenanceError, match="cannot read the image"):
-        prov.perceptual_hash(b"not an image")
+    expected = db.perceptual_hash(photo[1])
+    assert db.perceptual_hash(pixels) == db.perceptual_hash(pixels.astype(np.uint16) * 257) == expected
+    assert db.perceptual_hash(Image.fromarray(pixels)) == expected
+    with pytest.raises(db.ProvenanceError, match="cannot read the image"):
+        db.perceptual_hash(b"not an image")
 
 
 def test_list_records_filters_by_user_and_time_and_decrypts_with_the_data_key(factory, users, photo):
@@ -227,16 +228,16 @@ def test_list_records_filters_by_user_and_time_and_decrypts_with_the_data_key(fa
         _record(session, bob, photo, n=1, now=start + timedelta(hours=1))
         _record(session, alice, photo, n=2, now=start + timedelta(hours=2))
     with factory() as session:
-        everything = prov.list_records(session)
+        everything = db.list_records(session)
         assert [(r.user, r.seq) for r in everything] == [("alice", 1), ("bob", 1), ("alice", 2)]
         assert all(r.file_name is None and not r.decrypted for r in everything)
-        assert [r.seq for r in prov.list_records(session, user="alice")] == [1, 2]
-        later = prov.list_records(session, since=start + timedelta(minutes=30), keys=[alice])
+        assert [r.seq for r in db.list_records(session, user="alice")] == [1, 2]
+        later = db.list_records(session, since=start + timedelta(minutes=30), keys=[alice])
         assert [(r.user, r.decrypted, r.file_name, r.site) for r in later] == [
             ("bob", False, None, None), ("alice", True, NAME, SITE)]
         json.dumps([r.to_dict() for r in later])  # --json ready
         with pytest.raises(ValueError, match="timezone"):
-            prov.list_records(session, since=datetime(2025, 1, 1))
+            db.list_records(session, since=datetime(2025, 1, 1))
 
 
 def test_names_and_sites_are_encrypted_at_rest(factory, users, photo, tmp_path):
@@ -249,20 +250,20 @@ def test_names_and_sites_are_encrypted_at_rest(factory, users, photo, tmp_path):
     for secret in (NAME, SITE, "holiday", "private-album"):  # ...but not the names
         assert secret.encode() not in raw and secret.encode("utf-16-le") not in raw
 
-    assert prov.decrypt_record(first, alice).file_name == NAME
+    assert db.decrypt_record(first, alice).file_name == NAME
     wrong_data_key = dataclasses.replace(alice, data_key=os.urandom(32))
-    with pytest.raises(prov.ProvenanceError, match="does not decrypt"):
-        prov.decrypt_record(first, wrong_data_key)
-    with pytest.raises(prov.ProvenanceError, match="belongs to user 'alice'"):
-        prov.decrypt_record(first, users["bob"])
+    with pytest.raises(db.ProvenanceError, match="does not decrypt"):
+        db.decrypt_record(first, wrong_data_key)
+    with pytest.raises(db.ProvenanceError, match="belongs to user 'alice'"):
+        db.decrypt_record(first, users["bob"])
 
     # a ciphertext moved to another record does not decrypt there (the record id is bound in)
     _raw(factory, "UPDATE protections SET file_name_enc = (SELECT file_name_enc FROM protections "
                   "WHERE id = :a) WHERE id = :b", a=first.id, b=second.id)
     with factory() as session:
-        moved = prov.find_by_sha256(session, second.original_sha256, original=True)[0]
-        with pytest.raises(prov.ProvenanceError, match="does not decrypt"):
-            prov.decrypt_record(moved, alice)
+        moved = db.find_by_sha256(session, second.original_sha256, original=True)[0]
+        with pytest.raises(db.ProvenanceError, match="does not decrypt"):
+            db.decrypt_record(moved, alice)
     assert [p.record_id for p in _verify(factory, users).altered] == [second.id]
 
 
@@ -276,17 +277,17 @@ def test_an_untouched_log_verifies(factory, users, photo):
     assert report.ok, str(report)
     assert report.records == 5 and report.keys_from_database == ()
     with factory() as session:
-        heads = prov.chain_head(session)
-        last = prov.find_by_sha256(session, hashlib.sha256(photo[0] + b"\x02").hexdigest(), original=True)[0]
-        assert [r.prev_hash for r in prov.list_records(session, user="alice")][1:] == [
-            r.record_hash for r in prov.list_records(session, user="alice")][:2]
+        heads = db.chain_head(session)
+        last = db.find_by_sha256(session, hashlib.sha256(photo[0] + b"\x02").hexdigest(), original=True)[0]
+        assert [r.prev_hash for r in db.list_records(session, user="alice")][1:] == [
+            r.record_hash for r in db.list_records(session, user="alice")][:2]
     assert heads["alice"].seq == 3
     assert heads["alice"].record_hash == last.record_hash == report.heads["alice"].record_hash
     assert last.id == alice_ids[-1] and heads["bob"].seq == 2
     json.dumps(report.to_dict())
 
     with factory() as session:  # without trusted keys: the database's own, and the report says so
-        assert prov.verify_chain(session).keys_from_database == ("alice", "bob")
+        assert db.verify_chain(session).keys_from_database == ("alice", "bob")
 
 
 @pytest.mark.parametrize("recompute_hash", [False, True])
@@ -295,8 +296,8 @@ def test_an_altered_record_is_named(factory, users, photo, recompute_hash):
     _raw(factory, "UPDATE protections SET psnr = 45.0 WHERE id = :id", id=ids[1])
     if recompute_hash:  # the attacker also fixes the (unkeyed) hash; the signature still fails
         with factory() as session:
-            row = session.get(prov.ProtectionRow, ids[1])
-            fixed = prov.record_hash(prov.record_body(row, "alice"))
+            row = session.get(db.ProtectionRow, ids[1])
+            fixed = db.record_hash(db.record_body(row, "alice"))
         _raw(factory, "UPDATE protections SET record_hash = :h WHERE id = :id", h=fixed, id=ids[1])
     report = _verify(factory, users)
     assert [(p.kind, p.seq, p.record_id) for p in report.problems] == [("altered", 2, ids[1])], str(report)
@@ -306,14 +307,14 @@ def test_an_altered_record_is_named(factory, users, photo, recompute_hash):
 def _forge(factory, users, after_id, seq, signer):
     """A forged record that claims to follow `after_id`, hashed and signed with the attacker's key."""
     with factory() as session:
-        row = session.get(prov.ProtectionRow, after_id)
-        forged = prov.ProtectionRow(**{c.key: getattr(row, c.key) for c in prov.ProtectionRow.__table__.columns})
+        row = session.get(db.ProtectionRow, after_id)
+        forged = db.ProtectionRow(**{c.key: getattr(row, c.key) for c in db.ProtectionRow.__table__.columns})
         forged.id, forged.seq, forged.prev_hash = "f" * 32, seq, row.record_hash
         forged.protected_sha256 = hashlib.sha256(b"someone else's photo").hexdigest()
-        body = prov.record_body(forged, "alice")
-        forged.record_hash = prov.record_hash(body)
-        forged.signature = signer.signing_key.sign(prov.signed_message(body, forged.record_hash))
-        values = {c.key: getattr(forged, c.key) for c in prov.ProtectionRow.__table__.columns}
+        body = db.record_body(forged, "alice")
+        forged.record_hash = db.record_hash(body)
+        forged.signature = signer.signing_key.sign(db.signed_message(body, forged.record_hash))
+        values = {c.key: getattr(forged, c.key) for c in db.ProtectionRow.__table__.columns}
     columns = ", ".join(values)
     _raw(factory, f"INSERT INTO protections ({columns}) VALUES ({', '.join(':' + c for c in values)})", **values)
     return forged.id
@@ -343,7 +344,7 @@ def test_a_record_deleted_from_the_middle_is_named(factory, users, photo):
     ids = _chain(factory, users["alice"], photo, 4)
     _chain(factory, users["bob"], photo, 2)
     with factory() as session:
-        deleted_hash = session.get(prov.ProtectionRow, ids[1]).record_hash
+        deleted_hash = session.get(db.ProtectionRow, ids[1]).record_hash
     _raw(factory, "DELETE FROM protections WHERE id = :id", id=ids[1])
     report = _verify(factory, users)
     assert [(p.kind, p.user, p.seq, p.seq_end) for p in report.problems] == [("removed", "alice", 2, 2)], str(report)
@@ -357,18 +358,18 @@ def test_a_record_deleted_from_the_middle_is_named(factory, users, photo):
 def test_truncation_is_caught_by_the_head_tripwire_and_by_an_anchor(factory, users, photo):
     ids = _chain(factory, users["alice"], photo, 4)
     with factory() as session:
-        anchor = prov.chain_head(session)
+        anchor = db.chain_head(session)
     _raw(factory, "DELETE FROM protections WHERE id = :id", id=ids[-1])
     report = _verify(factory, users)  # careless: the users table still says #4
     assert [(p.kind, p.seq, p.seq_end) for p in report.problems] == [("removed", 4, 4)], str(report)
 
     # careful: the head is rewound too; only the anchor kept outside the database tells
     with factory() as session:
-        previous = session.get(prov.ProtectionRow, ids[2]).record_hash
+        previous = session.get(db.ProtectionRow, ids[2]).record_hash
     _raw(factory, "UPDATE users SET head_seq = 3, head_hash = :h WHERE name = 'alice'", h=previous)
     assert _verify(factory, users).ok
     with factory() as session:
-        anchored = prov.verify_chain(session, [users["alice"], users["bob"]], anchors=anchor)
+        anchored = db.verify_chain(session, [users["alice"], users["bob"]], anchors=anchor)
     assert [(p.kind, p.seq) for p in anchored.problems] == [("removed", 4)], str(anchored)
 
 
@@ -376,7 +377,7 @@ def test_the_wrong_public_key_fails_every_record(factory, users, photo):
     _chain(factory, users["alice"], photo, 2)
     _chain(factory, users["bob"], photo, 1)
     with factory() as session:
-        report = prov.verify_chain(session, {"alice": users["bob"].public_key_bytes})
+        report = db.verify_chain(session, {"alice": users["bob"].public_key_bytes})
     assert [p.kind for p in report.problems] == ["key", "altered", "altered"]
     assert report.keys_from_database == ("bob",)
 
@@ -404,19 +405,19 @@ def test_concurrent_appends_are_serialised(factory, users, photo):
 
 def test_a_locked_database_waits_then_fails_clearly(tmp_path, users, photo):
     path = tmp_path / "locked.sqlite3"
-    prov.open_database(path).kw["bind"].dispose()
+    db.open_database(path).kw["bind"].dispose()
     holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
-    factory = prov.open_database(path, timeout=0.3)  # reading the schema version is not blocked
+    factory = db.open_database(path, timeout=0.3)  # reading the schema version is not blocked
     try:
         started = time.monotonic()
-        with pytest.raises(prov.DatabaseLockedError, match="locked by another process"):
+        with pytest.raises(db.DatabaseLockedError, match="locked by another process"):
             with factory.begin() as session:
                 _record(session, users["alice"], photo)
         assert 0.25 < time.monotonic() - started < 5
 
         # a holder that lets go within the timeout is waited for
-        patient = prov.open_database(path, timeout=10)
+        patient = db.open_database(path, timeout=10)
         threading.Timer(0.3, holder.rollback).start()
         with patient.begin() as session:
             assert _record(session, users["alice"], photo).seq == 1
@@ -455,10 +456,10 @@ KAT_SIGNATURE = ("444fa8d90c9c7b04ed0b8ac44eafe4b4f24a28af41e004a30b86a573bf1aae
 
 
 def test_canonical_serialization_known_answer():
-    assert prov.canonical(KAT_BODY) == KAT_CANONICAL.encode("ascii")
-    assert prov.record_hash(KAT_BODY) == hashlib.sha256(KAT_CANONICAL.encode("ascii")).hexdigest() == KAT_HASH
+    assert db.canonical(KAT_BODY) == KAT_CANONICAL.encode("ascii")
+    assert db.record_hash(KAT_BODY) == hashlib.sha256(KAT_CANONICAL.encode("ascii")).hexdigest() == KAT_HASH
     signer = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # RFC 8032 signatures are deterministic
-    message = prov.signed_message(KAT_BODY, KAT_HASH)  # every field but the signature, record_hash in order
+    message = db.signed_message(KAT_BODY, KAT_HASH)  # every field but the signature, record_hash in order
     assert message == KAT_CANONICAL.replace(',"rgan_key_id"', f',"record_hash":"{KAT_HASH}","rgan_key_id"').encode()
     assert signer.sign(message).hex() == KAT_SIGNATURE
 
@@ -466,10 +467,10 @@ def test_canonical_serialization_known_answer():
 def test_the_signed_body_has_exactly_the_documented_fields(factory, users, photo):
     with factory.begin() as session:
         record = _record(session, users["alice"], photo)
-        row = session.get(prov.ProtectionRow, record.id)
-        body = prov.record_body(row, "alice")
+        row = session.get(db.ProtectionRow, record.id)
+        body = db.record_body(row, "alice")
     assert set(body) == set(KAT_BODY)
     assert body["file_name_enc"] == base64.b64encode(row.file_name_enc).decode()
-    assert prov.record_hash(body) == record.record_hash
+    assert db.record_hash(body) == record.record_hash
     users["alice"].signing_key.public_key().verify(bytes.fromhex(record.signature),
-                                                   prov.signed_message(body, record.record_hash))
+                                                   db.signed_message(body, record.record_hash))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..images import FORMAT_SUFFIXES, IMAGE_SUFFIXES
-from ..provenance import DatabaseLockedError
+from ..store import DatabaseLockedError
 from .home import USER_ERRORS
 
 # what a batch function reports after each file: (done, total, that file's result)

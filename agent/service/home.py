@@ -4,12 +4,12 @@ errors the service reports. Every service function takes the home explicitly (th
 `agent_home()`). It holds:
 
     keys/<user>.key         the key store (agent/keys.py, keys/README.md)
-    provenance.sqlite3      the signed provenance log (agent/provenance.py)
+    provenance.sqlite3      the signed provenance log (agent/store/, records/README.md)
     models/<user>/          each user's own models, encrypted (service/models.py)
     agent.lock              the lock a writing agent process holds (see `home_lock`)
     pending/                protections committed but perhaps not yet in place (service/protect.py)
 
-Errors a person can act on are `ServiceError`, `keys.KeyStoreError`, `provenance.ProvenanceError`
+Errors a person can act on are `ServiceError`, `keys.KeyStoreError`, `store.ProvenanceError`
 or `images.ImageError` (all in `USER_ERRORS`), each with a one-line message that names the file or
 user and says what to do.
 """
@@ -28,11 +28,11 @@ from typing import Any
 from sqlalchemy import select
 
 from .. import keys as keystore
-from .. import provenance as prov
+from .. import store as db
 from ..atomic import atomic_path, remove_stale
 from ..images import ImageError
 from ..keys import KeyStoreError, UserKeys
-from ..provenance import ProvenanceError
+from ..store import ProvenanceError
 
 HOME_ENV = "AGENT_HOME"
 DEFAULT_USER = "default"
@@ -123,10 +123,10 @@ def home_lock(home: Path, wait: float | None = None) -> Iterator[None]:
 def database(home: Path, *, create: bool = False) -> Iterator[Any]:
     """The log's session factory, disposed of afterwards. Reading functions refuse a home without
     a log (`create=False`) instead of creating an empty one."""
-    path = prov.database_path(home)
+    path = db.database_path(home)
     if not create and not path.exists():
         raise ServiceError(f"no provenance log in {home}: run `agent init` first")
-    factory = prov.open_database(path, timeout=DB_TIMEOUT)
+    factory = db.open_database(path, timeout=DB_TIMEOUT)
     try:
         yield factory
     finally:
@@ -156,9 +156,9 @@ def resolve_user(home: Path, user: str | None = None) -> str:
 
 
 
-def logged_user(session, user: str) -> prov.UserRow:
+def logged_user(session, user: str) -> db.UserRow:
     """`user`'s row in the log, which a user with a key file here always has."""
-    row = session.scalar(select(prov.UserRow).where(prov.UserRow.name == user))
+    row = session.scalar(select(db.UserRow).where(db.UserRow.name == user))
     if row is None:
         raise ServiceError(f"the provenance log does not know user {user!r}, whose key file is here: the "
                            "log was replaced or reset; restore it from a backup")

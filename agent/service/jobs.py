@@ -1,7 +1,7 @@
 """Background jobs: a queue of fine-tuning runs in the provenance database, and the worker that runs
 them (`agent worker`, the Procfile's `worker`).
 
-A job is a row of `jobs` (`provenance.JobRow`): its user, its state (queued → running → done,
+A job is a row of `jobs` (`store.JobRow`): its user, its state (queued → running → done,
 failed or cancelled), when it was created, started and finished, its parameters (JSON,
 `finetune.FinetuneParams`), its progress as last reported (epoch, step, running losses, images per
 second, ETA) and its result (the model stored, with the quality report) or error.
@@ -57,9 +57,9 @@ from typing import Any
 from sqlalchemy import select
 
 from .. import finetune
-from .. import provenance as prov
+from .. import store as db
 from ..finetune import FinetuneError, FinetuneParams
-from ..provenance import JobRow
+from ..store import JobRow
 from ..rgan.model import load_model, save_model
 from . import models
 from .home import DB_TIMEOUT, USER_ERRORS, AgentBusyError, ServiceError, database, logged_user, resolve_user, unlock
@@ -116,9 +116,9 @@ def list_jobs(home: Path, user: str | None = None) -> list[dict[str, Any]]:
     """Every job (of `user`, if given), newest first."""
     home = Path(home)
     with database(home) as factory, factory() as session:
-        query = select(JobRow, prov.UserRow.name).join(prov.UserRow).order_by(JobRow.id.desc())
+        query = select(JobRow, db.UserRow.name).join(db.UserRow).order_by(JobRow.id.desc())
         if user is not None:
-            query = query.where(prov.UserRow.name == resolve_user(home, user))
+            query = query.where(db.UserRow.name == resolve_user(home, user))
         return [_describe(row, name) for row, name in session.execute(query)]
 
 
@@ -142,11 +142,11 @@ def active_jobs(home: Path, user: str) -> list[dict[str, Any]]:
     """The user's queued and running jobs with their progress, oldest first: what the local
     service's status shows. Empty for a home without a log or a user without jobs."""
     home = Path(home)
-    if not prov.database_path(home).exists():
+    if not db.database_path(home).exists():
         return []
     with database(home) as factory, factory() as session:
-        rows = session.execute(select(JobRow).join(prov.UserRow)
-                               .where(prov.UserRow.name == user, JobRow.state.in_(ACTIVE)).order_by(JobRow.id))
+        rows = session.execute(select(JobRow).join(db.UserRow)
+                               .where(db.UserRow.name == user, JobRow.state.in_(ACTIVE)).order_by(JobRow.id))
         return [{"id": row.id, "state": row.state, "created": row.created, "started": row.started,
                  "progress": _json(row.progress)} for (row,) in rows]
 
@@ -206,8 +206,8 @@ def _signals_set(stop: threading.Event) -> Iterator[None]:
 def claim_job(home: Path, user: str) -> tuple[int, int] | None:
     """(job id, the locked file descriptor of its lock) for the oldest job this worker may run."""
     with database(home) as factory, factory() as session:
-        candidates = session.scalars(select(JobRow.id).join(prov.UserRow).where(
-            prov.UserRow.name == user, JobRow.state.in_(ACTIVE)).order_by(JobRow.id)).all()
+        candidates = session.scalars(select(JobRow.id).join(db.UserRow).where(
+            db.UserRow.name == user, JobRow.state.in_(ACTIVE)).order_by(JobRow.id)).all()
     for job_id in candidates:
         lock = _try_lock(home, job_id)
         if lock is None:
@@ -396,13 +396,13 @@ def _requeue(home: Path, job_id: int) -> None:
 def _write(home: Path, doing: str):
     """A session in a write transaction (the lock taken at BEGIN), committed on success."""
     with database(home) as factory:
-        with prov.translate_errors(doing, DB_TIMEOUT), factory.begin() as session:
-            prov.begin_write(session)
+        with db.translate_errors(doing, DB_TIMEOUT), factory.begin() as session:
+            db.begin_write(session)
             yield session
 
 
 def _job(session, job_id: int) -> tuple[JobRow, str]:
-    found = session.execute(select(JobRow, prov.UserRow.name).join(prov.UserRow).where(JobRow.id == job_id)).first()
+    found = session.execute(select(JobRow, db.UserRow.name).join(db.UserRow).where(JobRow.id == job_id)).first()
     if found is None:
         raise JobError(f"there is no job {job_id} (see `agent jobs list`)")
     return found[0], found[1]
@@ -419,4 +419,4 @@ def _describe(row: JobRow, user: str) -> dict[str, Any]:
 
 
 def _now() -> str:
-    return prov.time_text(prov.utc_now(), micro=False)
+    return db.time_text(db.utc_now(), micro=False)

@@ -11,9 +11,9 @@ from typing import Any
 
 from .. import images, selfcheck
 from .. import keys as keystore
-from .. import provenance as prov
+from .. import store as db
 from ..keys import KeyStoreError, UserKeys
-from ..provenance import ProvenanceError
+from ..store import ProvenanceError
 from .home import ServiceError, database, key_store, unlock
 from .recover import find_record
 
@@ -23,14 +23,14 @@ class LogListing:
     """Records in time order; file names decrypted for the users in `unlocked`; what `agent log
     verify` finds wrong with the listed users' chains."""
 
-    records: list[prov.Record]
+    records: list[db.Record]
     unlocked: tuple[str, ...]
     locked: tuple[str, ...]  # users with records whose names stay encrypted (no or wrong passphrase)
     undecryptable: tuple[str, ...] = ()  # record ids whose encrypted name failed authentication
-    problems: tuple[prov.Problem, ...] = ()
+    problems: tuple[db.Problem, ...] = ()
 
     @property
-    def unverified(self) -> dict[str, prov.Problem]:
+    def unverified(self) -> dict[str, db.Problem]:
         """Record id -> what is wrong with it, for the listed records that do not verify."""
         return {p.record_id: p for p in self.problems if p.record_id is not None}
 
@@ -61,15 +61,15 @@ def log_records(home: Path, passphrases: Mapping[str, str] | str | None = None, 
             unlocked[name] = unlock(home, name, passphrase)
         except (KeyStoreError, ServiceError):
             pass
-    trusted = prov.public_keys_from_store(key_store(home))
+    trusted = db.public_keys_from_store(key_store(home))
     with database(home) as factory, factory() as session:
-        records = prov.list_records(session, user, since)
-        problems = prov.verify_chain(session, trusted, user=user).problems
+        records = db.list_records(session, user, since)
+        problems = db.verify_chain(session, trusted, user=user).problems
     out, bad = [], []
     for record in records:
         if record.user in unlocked:
             try:
-                record = prov.decrypt_record(record, unlocked[record.user])
+                record = db.decrypt_record(record, unlocked[record.user])
             except ProvenanceError:
                 bad.append(record.id)
         out.append(record)
@@ -77,16 +77,16 @@ def log_records(home: Path, passphrases: Mapping[str, str] | str | None = None, 
     return LogListing(out, tuple(sorted(unlocked)), tuple(locked), tuple(bad), problems)
 
 
-def verify_log(home: Path) -> prov.VerifyReport:
+def verify_log(home: Path) -> db.VerifyReport:
     """Checks every record's hash and signature and every chain link, trusting the public keys in
     the key files (a user whose key file is gone is checked against the log's own copy, and the
     report says so)."""
     home = Path(home)
     store = key_store(home)
-    trusted = prov.public_keys_from_store(store)
+    trusted = db.public_keys_from_store(store)
     sources = {user: f"the key file {keystore.public_info(store, user)['file']}" for user in trusted}
     with database(home) as factory, factory() as session:
-        return prov.verify_chain(session, trusted, key_sources=sources)
+        return db.verify_chain(session, trusted, key_sources=sources)
 
 
 
@@ -99,9 +99,9 @@ class CheckResult:
     protected: bool
     matched_by: str | None = None  # sha256 | phash
     distance: int | None = None
-    record: prov.Record | None = None
+    record: db.Record | None = None
     authentic: bool | None = None  # the record's hash, signature and place in the chain verify
-    original_of: prov.Record | None = None
+    original_of: db.Record | None = None
     self_check_asr: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     problem: str | None = None  # what `agent log verify` finds wrong with the record
@@ -122,13 +122,13 @@ def check_image(home: Path, path: Path) -> CheckResult:
     and none of its figures are used."""
     home, path = Path(home), Path(path)
     data = images.read_bytes(path)
-    trusted = prov.public_keys_from_store(key_store(home))
+    trusted = db.public_keys_from_store(key_store(home))
     with database(home) as factory, factory() as session:
         match = find_record(session, data, path)
         record = match.record or match.original_of
         authentic = problem = None
         if record is not None:
-            report = prov.verify_chain(session, trusted, user=record.user)
+            report = db.verify_chain(session, trusted, user=record.user)
             problem = next((str(p) for p in report.problems if p.record_id == record.id), None)
             authentic = problem is None
     notes = []

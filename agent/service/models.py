@@ -7,7 +7,7 @@ data key by `keys.encrypt_data`, with associated data `rgan-agent/model v1 NUL <
 another user's model, nor moved to another row of the `models` table: either fails authentication
 at load, as does any modification of the file. The directory is private (0700), the files 0600.
 
-The `models` table (`provenance.ModelRow`) lists the shipped default (`user_id` NULL) and each
+The `models` table (`store.ModelRow`) lists the shipped default (`user_id` NULL) and each
 user's models (name, SHA-256, file, the report its metadata carries); `users.active_model_id` is the
 model a user protects with (NULL: the shipped default). A protection record names the model by
 SHA-256, so recovery uses the model that protected the image (`model_with_sha256`), whichever is
@@ -35,7 +35,7 @@ from sqlalchemy import select
 
 from .. import keys as keystore
 from .. import pipeline
-from .. import provenance as prov
+from .. import store as db
 from ..keys import KeyStoreError, UserKeys
 from ..pipeline import DEFAULT_MODEL_PATH
 from ..rgan.model import RGAN, ModelFileError
@@ -58,12 +58,12 @@ def default_model_sha256() -> str:
     """The SHA-256 of the shipped photo model's file, as records name it."""
     if not DEFAULT_MODEL_PATH.is_file():
         raise ServiceError(f"the default photo model {DEFAULT_MODEL_PATH} is not installed; reinstall the agent")
-    return prov.file_sha256(DEFAULT_MODEL_PATH)
+    return db.file_sha256(DEFAULT_MODEL_PATH)
 
 
-def register_default_model(session) -> prov.ModelRow:
+def register_default_model(session) -> db.ModelRow:
     """The shipped model's row in the models table, added if this agent ships a new one."""
-    return prov.register_model(session, DEFAULT_MODEL_NAME, default_model_sha256())
+    return db.register_model(session, DEFAULT_MODEL_NAME, default_model_sha256())
 
 
 def models_dir(home: Path) -> Path:
@@ -106,8 +106,8 @@ def import_model(home: Path, user: str | None, passphrase: str, src: Path, name:
     written: Path | None = None
     with home_lock(home), database(home, create=True) as factory:
         try:
-            with prov.translate_errors("importing a model", DB_TIMEOUT), factory.begin() as session:
-                user_row = prov.register_user(session, keys)
+            with db.translate_errors("importing a model", DB_TIMEOUT), factory.begin() as session:
+                user_row = db.register_user(session, keys)
                 owned = _models_of(session, user_row)
                 existing = next((row for row in owned if row.sha256 == sha), None)
                 if existing is not None:
@@ -117,7 +117,7 @@ def import_model(home: Path, user: str | None, passphrase: str, src: Path, name:
                 if clash is not None:
                     raise ServiceError(f"user {user!r} already has another model named {name!r} (SHA-256 "
                                                f"{clash.sha256[:16]}…); choose another name with --name")
-                row = prov.register_model(session, name, sha, user=keys, encrypted=True)
+                row = db.register_model(session, name, sha, user=keys, encrypted=True)
                 row.file = _file_name(user, sha)
                 row.report = json.dumps(extra, sort_keys=True) if extra else None
                 written = models_dir(home) / row.file
@@ -135,7 +135,7 @@ def use_model(home: Path, user: str | None, which: str) -> dict[str, Any]:
     home = Path(home)
     user = resolve_user(home, user)
     with home_lock(home), database(home) as factory:
-        with prov.translate_errors("choosing a model", DB_TIMEOUT), factory.begin() as session:
+        with db.translate_errors("choosing a model", DB_TIMEOUT), factory.begin() as session:
             user_row = logged_user(session, user)
             row = _resolve(session, user_row, which)
             user_row.active_model_id = None if row is None else row.id
@@ -163,7 +163,7 @@ def export_model(home: Path, user: str | None, passphrase: str, which: str, dst:
 
 # ---------------------------------------------------------------- for protect and recover
 
-def active_model(session, home: Path, keys: UserKeys) -> tuple[prov.ModelRow, RGAN]:
+def active_model(session, home: Path, keys: UserKeys) -> tuple[db.ModelRow, RGAN]:
     """The model `keys.user` protects with and its row (for the record). Call it in a transaction
     (`factory.begin()`): the shipped default's row is added if this agent ships a new one."""
     user_row = logged_user(session, keys.user)
@@ -171,7 +171,7 @@ def active_model(session, home: Path, keys: UserKeys) -> tuple[prov.ModelRow, RG
         # registered by `agent init`; only a newer shipped model needs its row written here
         row = _shipped_row(session, default_model_sha256()) or register_default_model(session)
         return row, pipeline.default_model()
-    row = session.get(prov.ModelRow, user_row.active_model_id)
+    row = session.get(db.ModelRow, user_row.active_model_id)
     if row is None or row.user_id != user_row.id:
         raise ServiceError(f"the models table was modified: user {keys.user!r}'s active model is not "
                                    "theirs; run `agent models use default` or pick one of `agent models list`")
@@ -181,7 +181,7 @@ def active_model(session, home: Path, keys: UserKeys) -> tuple[prov.ModelRow, RG
 def active_model_info(session, user: str) -> dict[str, str]:
     """Name and SHA-256 of the model `user` protects with, without loading it (for a status)."""
     user_row = logged_user(session, user)
-    row = None if user_row.active_model_id is None else session.get(prov.ModelRow, user_row.active_model_id)
+    row = None if user_row.active_model_id is None else session.get(db.ModelRow, user_row.active_model_id)
     if row is None:
         return {"name": DEFAULT, "sha256": default_model_sha256()}
     return {"name": row.name, "sha256": row.sha256}
@@ -192,8 +192,8 @@ def model_with_sha256(session, home: Path, keys: UserKeys, sha256: str) -> RGAN:
     default or one of `keys.user`'s own."""
     if sha256 == default_model_sha256():
         return pipeline.default_model()
-    row = session.scalar(select(prov.ModelRow).where(prov.ModelRow.user_id == logged_user(session, keys.user).id,
-                                                     prov.ModelRow.sha256 == sha256))
+    row = session.scalar(select(db.ModelRow).where(db.ModelRow.user_id == logged_user(session, keys.user).id,
+                                                     db.ModelRow.sha256 == sha256))
     if row is None:
         raise ServiceError(f"the image was protected with a model user {keys.user!r} does not have here "
                                    f"(SHA-256 {sha256[:16]}…): import that model file with `agent models import "
@@ -201,7 +201,7 @@ def model_with_sha256(session, home: Path, keys: UserKeys, sha256: str) -> RGAN:
     return load_model(home, keys, row)
 
 
-def load_model(home: Path, keys: UserKeys, row: prov.ModelRow) -> RGAN:
+def load_model(home: Path, keys: UserKeys, row: db.ModelRow) -> RGAN:
     """Decrypts one of `keys.user`'s models, checks its SHA-256 and loads it from memory (once per
     process for the same plaintext: the service protects photo after photo with one model)."""
     return _loaded(_decrypt(home, keys, row), f"model {row.name!r}")
@@ -262,16 +262,16 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _shipped_row(session, sha256: str) -> prov.ModelRow | None:
-    return session.scalar(select(prov.ModelRow).where(prov.ModelRow.user_id.is_(None), prov.ModelRow.sha256 == sha256))
+def _shipped_row(session, sha256: str) -> db.ModelRow | None:
+    return session.scalar(select(db.ModelRow).where(db.ModelRow.user_id.is_(None), db.ModelRow.sha256 == sha256))
 
 
-def _models_of(session, user_row: prov.UserRow) -> list[prov.ModelRow]:
-    return list(session.scalars(select(prov.ModelRow).where(prov.ModelRow.user_id == user_row.id)
-                                .order_by(prov.ModelRow.id)))
+def _models_of(session, user_row: db.UserRow) -> list[db.ModelRow]:
+    return list(session.scalars(select(db.ModelRow).where(db.ModelRow.user_id == user_row.id)
+                                .order_by(db.ModelRow.id)))
 
 
-def _resolve(session, user_row: prov.UserRow, which: str) -> prov.ModelRow | None:
+def _resolve(session, user_row: db.UserRow, which: str) -> db.ModelRow | None:
     """The user's model called `which`, else the one whose SHA-256 starts with it; None: the
     shipped default (`default`, its file name, or its SHA-256)."""
     if which in (DEFAULT, DEFAULT_MODEL_NAME):
@@ -281,7 +281,7 @@ def _resolve(session, user_row: prov.UserRow, which: str) -> prov.ModelRow | Non
     if len(named) == 1:
         return named[0]
     prefix = which.lower()
-    candidates: list[prov.ModelRow | None] = []
+    candidates: list[db.ModelRow | None] = []
     if _HEX_PREFIX.fullmatch(prefix):
         if default_model_sha256().startswith(prefix):
             candidates.append(None)
@@ -297,14 +297,14 @@ def _resolve(session, user_row: prov.UserRow, which: str) -> prov.ModelRow | Non
                                f"with it (models: {known}; see `agent models list`)")
 
 
-def _describe(home: Path, user: str, row: prov.ModelRow, active: bool) -> dict[str, Any]:
+def _describe(home: Path, user: str, row: db.ModelRow, active: bool) -> dict[str, Any]:
     path = models_dir(home) / row.file if row.file else None
     return {"name": row.name, "sha256": row.sha256, "owner": user, "active": active, "encrypted": row.encrypted,
             "created": row.created, "size": path.stat().st_size if path is not None and path.is_file() else None,
             "file": None if path is None else str(path), **_report(_row_report(row))}
 
 
-def _row_report(row: prov.ModelRow) -> Any:
+def _row_report(row: db.ModelRow) -> Any:
     try:
         return json.loads(row.report) if row.report else None
     except ValueError:
@@ -320,7 +320,7 @@ def _aad(user: str, sha256: str) -> bytes:
     return b"\0".join((_AAD_LABEL, user.encode("ascii"), sha256.encode("ascii")))
 
 
-def _decrypt(home: Path, keys: UserKeys, row: prov.ModelRow) -> bytes:
+def _decrypt(home: Path, keys: UserKeys, row: db.ModelRow) -> bytes:
     # the file name is derived, never taken from the table as given: an edited row must not be
     # able to point outside the models folder
     if row.file != _file_name(keys.user, row.sha256):

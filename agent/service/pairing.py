@@ -14,7 +14,7 @@ A token reads `<id>.<secret>`: the id (16 hex digits) is public, shown by `agent
 used by `--revoke` and in the service's logs; it finds the row, and the secret's hash is then
 compared in constant time. Codes are compared in constant time against every outstanding one.
 
-Functions take the log's session factory (`provenance.open_database`) and run their own
+Functions take the log's session factory (`store.open_database`) and run their own
 transactions; `create_code_for`, `tokens_of` and `revoke` are the same for a home directory, as the
 CLI calls them. Errors are `PairingError`s (a `ServiceError`, so the CLI shows them as one line),
 whose `reason` is the word the service's API answers with.
@@ -35,8 +35,8 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from .. import provenance as prov
-from ..provenance import PairingCodeRow, TokenRow, UserRow
+from .. import store as db
+from ..store import PairingCodeRow, TokenRow, UserRow
 from .home import ServiceError, database, resolve_user, unlock
 
 # no 0/O, 1/I/L: what is read off a terminal and typed into a browser must survive both
@@ -134,7 +134,7 @@ def _normalise_code(code: str) -> str:
 
 def _write(session: Session) -> None:
     """Takes the database's write lock at once (BEGIN IMMEDIATE), as every writer of the log does."""
-    session.connection(execution_options=prov.WRITE_OPTIONS)
+    session.connection(execution_options=db.WRITE_OPTIONS)
 
 
 def _now(now: datetime | None) -> datetime:
@@ -161,9 +161,9 @@ def create_code(factory: sessionmaker[Session], user: str, *, ttl: timedelta = C
         user_id = session.scalar(select(UserRow.id).where(UserRow.name == user))
         if user_id is None:
             raise PairingError(f"user {user!r} is not in the provenance log: run `agent init` first", "unknown_user")
-        session.execute(delete(PairingCodeRow).where(PairingCodeRow.expires <= prov.time_text(moment)))
-        expires = prov.time_text(moment + ttl)
-        session.add(PairingCodeRow(user_id=user_id, code_hash=_digest(code), created=prov.time_text(moment),
+        session.execute(delete(PairingCodeRow).where(PairingCodeRow.expires <= db.time_text(moment)))
+        expires = db.time_text(moment + ttl)
+        session.add(PairingCodeRow(user_id=user_id, code_hash=_digest(code), created=db.time_text(moment),
                                    expires=expires))
     half = CODE_LENGTH // 2
     return PairingCode(f"{code[:half]}-{code[half:]}", user, expires)
@@ -183,7 +183,7 @@ def redeem_code(factory: sessionmaker[Session], code: str, origin: str, *, user:
     with factory.begin() as session:
         _write(session)
         rows = session.execute(select(PairingCodeRow, UserRow.name).join(UserRow, PairingCodeRow.user_id == UserRow.id)
-                               .where(PairingCodeRow.expires > prov.time_text(moment))).all()
+                               .where(PairingCodeRow.expires > db.time_text(moment))).all()
         found = None
         for row, owner in rows:  # every one compared, so the time taken says nothing about which
             if hmac.compare_digest(row.code_hash, digest) and owner == user:
@@ -197,7 +197,7 @@ def redeem_code(factory: sessionmaker[Session], code: str, origin: str, *, user:
             token_id = secrets.token_hex(TOKEN_ID_HEX // 2)
             token = f"{token_id}.{secrets.token_urlsafe(32)}"
             row = TokenRow(id=token_id, user_id=found.user_id, token_hash=_digest(token), origin=origin,
-                           label=label, created=prov.time_text(moment), last_used=None, revoked=None)
+                           label=label, created=db.time_text(moment), last_used=None, revoked=None)
             session.add(row)
             return IssuedToken(token, _info(row, user))
     if invalidated:
@@ -227,8 +227,8 @@ def verify_token(factory: sessionmaker[Session], token: str, origin: str | None,
     if origin is not None and origin != row.origin:
         raise PairingError(f"token {row.id} was paired with another extension; this one must pair itself",
                            "wrong_origin")
-    if row.last_used is None or row.last_used <= prov.time_text(moment - LAST_USED_EVERY):
-        row.last_used = prov.time_text(moment)
+    if row.last_used is None or row.last_used <= db.time_text(moment - LAST_USED_EVERY):
+        row.last_used = db.time_text(moment)
         with factory.begin() as session:  # a write transaction of its own, begun with the write lock
             _write(session)
             session.execute(update(TokenRow).where(TokenRow.id == row.id).values(last_used=row.last_used))
@@ -264,7 +264,7 @@ def revoke_token(factory: sessionmaker[Session], token_id: str, *, now: datetime
             raise PairingError(f"no token {token_id!r}: `agent pair --list` shows the ids", "unknown_token")
         row, user = found
         if row.revoked is None:
-            row.revoked = prov.time_text(moment)
+            row.revoked = db.time_text(moment)
         return _info(row, user)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import images, pipeline, selfcheck
-from .. import provenance as prov
+from .. import store as db
 from ..atomic import stale_temporaries, write_text
 from ..keys import UserKeys
 from ..pipeline import ProtectInfo, ProtectOptions
@@ -133,9 +133,9 @@ def _protect_one(home: Path, factory, keys: UserKeys, model_row, model, job: Job
                          done.info.working_size, done.psnr, done.exif_removed)
 
 
-def _records_of(factory, path: Path) -> list[prov.Record]:
+def _records_of(factory, path: Path) -> list[db.Record]:
     with factory() as session:
-        return prov.find_by_sha256(session, hashlib.sha256(path.read_bytes()).hexdigest())
+        return db.find_by_sha256(session, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 def _settle(factory, dst: Path) -> None:
@@ -179,7 +179,7 @@ def settle_pending(home: Path, factory) -> None:
         note.unlink(missing_ok=True)
 
 
-def _finished_before(factory, keys: UserKeys, original: bytes, dst: Path, options: ProtectOptions) -> prov.Record | None:
+def _finished_before(factory, keys: UserKeys, original: bytes, dst: Path, options: ProtectOptions) -> db.Record | None:
     """The record of an earlier run that protected `original` into `dst` for this user as
     `options` ask (the same working size and strength), or None."""
     _settle(factory, dst)
@@ -187,7 +187,7 @@ def _finished_before(factory, keys: UserKeys, original: bytes, dst: Path, option
         return None
     original_sha256 = hashlib.sha256(original).hexdigest()
 
-    def asked(record: prov.Record) -> bool:
+    def asked(record: db.Record) -> bool:
         info = record.params.get("protect_info") or {}
         return (record.user == keys.user and record.original_sha256 == original_sha256
                 and info.get("strength", pipeline.DEFAULT_STRENGTH) == options.strength
@@ -208,12 +208,15 @@ class _Protected:
     self_check_asr: float | None
     exif_removed: tuple[str, ...]
     params: dict[str, Any]
+    # of the pixels as decoded from `data`, which are at hand: hashing `data` would decode it again
+    phash: str
 
     def record(self, session, keys: UserKeys, model_row, source: str, file_name: str | None,
-               site: str | None = None) -> prov.Record:
-        return prov.record_protection(session, keys, original=self.original, protected=self.data, info=self.info,
+               site: str | None = None) -> db.Record:
+        return db.record_protection(session, keys, original=self.original, protected=self.data, info=self.info,
                                       model=model_row, source=source, file_name=file_name, site=site,
-                                      params=self.params, psnr=self.psnr, self_check_asr=self.self_check_asr)
+                                      params=self.params, psnr=self.psnr, self_check_asr=self.self_check_asr,
+                                      phash=self.phash)
 
 
 def _protect_data(keys: UserKeys, model_row, model, data: bytes, facts: images.Source, name: str,
@@ -221,8 +224,10 @@ def _protect_data(keys: UserKeys, model_row, model, data: bytes, facts: images.S
     """What files and uploads share: decode `data` (already `images.inspect`ed), protect it with the
     user's active key and model, encode it as the original was (format, quality, cleaned EXIF, ICC)."""
     pixels = images.decode_image(data, name)
+    working = pipeline.working_copy(pixels, options)
     try:
-        protected, info = pipeline.protect(pixels, keys.active_rgan_key.key, options, model)
+        protected, info = pipeline.protect(working, keys.active_rgan_key.key, options, model,
+                                           original_size=(pixels.shape[1], pixels.shape[0]))
     except (ValueError, FileNotFoundError) as error:
         raise ServiceError(str(error)) from None
     quality = max(MIN_JPEG_QUALITY, facts.quality or 0) if facts.format == "JPEG" else \
@@ -235,7 +240,6 @@ def _protect_data(keys: UserKeys, model_row, model, data: bytes, facts: images.S
                                   icc=facts.icc, exif=exif, field_seal=seal)
     lossless = facts.format == "PNG" or facts.lossless
     uploaded = protected if lossless else images.decoded_rgb(encoded)
-    working = pipeline.working_copy(pixels, options)
     psnr = images.image_psnr(uploaded, working)
     check = selfcheck.measure(working, uploaded)
     params = {
@@ -251,7 +255,8 @@ def _protect_data(keys: UserKeys, model_row, model, data: bytes, facts: images.S
         "exif_removed": list(removed),
         "self_check": None if check is None else check.to_params(),
     }
-    return _Protected(data, encoded, info, quality, psnr, None if check is None else check.asr, removed, params)
+    return _Protected(data, encoded, info, quality, psnr, None if check is None else check.asr, removed, params,
+                      db.perceptual_hash(uploaded))
 
 
 @dataclass(frozen=True)

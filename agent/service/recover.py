@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import images, pipeline
-from .. import provenance as prov
+from .. import store as db
 from ..jpeg import Quantization
 from ..keys import KeyStoreError, UserKeys
 from ..pipeline import ProtectInfo
-from ..provenance import ProvenanceError
+from ..store import ProvenanceError
 from ..recovery import RecoveryData, open_field
 from . import models
 from .batch import PROTECTED_TAG, RECOVERED_TAG, Job, ProgressFn, plan, run_jobs
@@ -97,7 +97,7 @@ def recover_paths(home: Path, paths: Sequence[Path], out_dir: Path | None = None
             # the batch writes no record, so each user's chain is verified once
             if name not in faults:
                 with factory() as session:
-                    faults[name] = prov.record_faults(session, name, keys_of(name).public_key_bytes)
+                    faults[name] = db.record_faults(session, name, keys_of(name).public_key_bytes)
             return faults[name]
 
         return run_jobs(jobs, lambda job: _recover_one(home, factory, keys_of, faults_of, job, user, overwrite, force),
@@ -106,10 +106,10 @@ def recover_paths(home: Path, paths: Sequence[Path], out_dir: Path | None = None
 
 @dataclass(frozen=True)
 class Match:
-    record: prov.Record | None
+    record: db.Record | None
     matched_by: str | None
     distance: int | None
-    original_of: prov.Record | None = None
+    original_of: db.Record | None = None
 
 
 def find_record(session, data: bytes, path: Path, user: str | None = None) -> Match:
@@ -122,17 +122,17 @@ def find_record(session, data: bytes, path: Path, user: str | None = None) -> Ma
     def theirs_first(records: list) -> list:
         return sorted(records, key=lambda record: user is not None and record.user != user)
 
-    exact = theirs_first(prov.find_by_sha256(session, digest))
+    exact = theirs_first(db.find_by_sha256(session, digest))
     if exact:
         return Match(exact[0], "sha256", 0)
-    originals = prov.find_by_sha256(session, digest, original=True)
+    originals = db.find_by_sha256(session, digest, original=True)
     if originals:
         return Match(None, None, None, originals[0])
     try:
-        phash = prov.perceptual_hash(data)
+        phash = db.perceptual_hash(data)
     except ProvenanceError:
         raise ServiceError(f"{path}: not an image the agent can read") from None
-    hits = prov.find_by_phash(session, phash)
+    hits = db.find_by_phash(session, phash)
     # nearest first; among equally near look-alikes, the user's own
     hits = sorted(hits, key=lambda hit: (hit[0], user is not None and hit[1].user != user))
     if hits:
@@ -176,7 +176,7 @@ def _recover_one(home: Path, factory, keys_of: Callable[[str], UserKeys], faults
             raise ServiceError(f"record {record.id} holds no usable protect info ({error}); "
                                "run `agent log verify`") from None
         try:
-            sealed = prov.open_recovery(record, keys)
+            sealed = db.open_recovery(record, keys)
             recovery = None if sealed is None else RecoveryData.from_bytes(sealed)
         except (ProvenanceError, ValueError) as error:
             raise ServiceError(f"record {record.id}: {error}") from None

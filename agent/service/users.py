@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from .. import keys as keystore
-from .. import provenance as prov
+from .. import store as db
 from . import models
 from .home import DEFAULT_USER, database, home_lock, key_store, resolve_user
 
@@ -25,14 +25,14 @@ def init_user(home: Path, user: str = DEFAULT_USER, passphrase: str = "", *, kdf
         created = keystore.create_user(store, user, passphrase, kdf_n=keystore.KDF_N if kdf_n is None else kdf_n)
         try:
             with database(home, create=True) as factory, factory.begin() as session:
-                prov.register_user(session, created)
+                db.register_user(session, created)
                 models.register_default_model(session)
         except BaseException:
             # the key file was made by this call and nothing was protected with it yet
             keystore.remove_user(store, user)
             raise
     return {**keystore.public_info(store, user), "home": str(home),
-            "database": str(prov.database_path(home))}
+            "database": str(db.database_path(home))}
 
 
 def add_user(home: Path, user: str, passphrase: str, *, kdf_n: int | None = None) -> dict:
@@ -73,7 +73,7 @@ def show_keys(home: Path, user: str | None = None) -> dict:
     user = resolve_user(home, user)
     info = keystore.public_info(key_store(home), user)
     with database(home) as factory, factory() as session:
-        logged = prov.logged_public_key(session, user)
+        logged = db.logged_public_key(session, user)
     warning = None
     if logged is not None and base64.b64decode(info["signing_public_key"]) != logged:
         warning = (f"the signing public key in the key file {info['file']} is not the one the log holds for "
@@ -102,7 +102,7 @@ def import_keys(home: Path, src: Path, backup_passphrase: str, passphrase: str, 
         imported = keystore.import_backup(store, Path(src), backup_passphrase, passphrase, user, replace=replace)
         try:
             with database(home, create=True) as factory, factory.begin() as session:
-                prov.register_user(session, imported)
+                db.register_user(session, imported)
                 models.register_default_model(session)
         except BaseException:
             path = store / f"{imported.user}.key"
@@ -121,7 +121,7 @@ def rotate_key(home: Path, user: str | None, passphrase: str) -> dict:
     with home_lock(home):
         rotated = keystore.rotate(key_store(home), user, passphrase)
         with database(home, create=True) as factory, factory.begin() as session:
-            prov.register_user(session, rotated)
+            db.register_user(session, rotated)
     return keystore.public_info(key_store(home), user)
 
 
@@ -134,10 +134,10 @@ def change_passphrase(home: Path, user: str | None, old: str, new: str) -> dict:
 
 
 def record_counts(home: Path) -> dict[str, int]:
-    if not prov.database_path(home).exists():
+    if not db.database_path(home).exists():
         return {}
     with database(home) as factory, factory() as session:
-        rows = session.execute(select(prov.UserRow.name, func.count(prov.ProtectionRow.id))
-                               .join(prov.ProtectionRow, isouter=True).group_by(prov.UserRow.name))
+        rows = session.execute(select(db.UserRow.name, func.count(db.ProtectionRow.id))
+                               .join(db.ProtectionRow, isouter=True).group_by(db.UserRow.name))
         return {name: count for name, count in rows}
 

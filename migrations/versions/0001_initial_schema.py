@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-22
 
-The record format itself (which fields are signed and how) is specified in agent/provenance.py;
+The record format itself (which fields are signed and how) is specified in records/README.md;
 a later change to it is a new record format version, not only a migration.
 """
 from typing import Sequence, Union
