@@ -265,16 +265,14 @@ def _working(image: np.ndarray, key: bytes, options: ProtectOptions, original_si
     pixels, mode = _check_image(image)
     check_key(key)
     height, width = pixels.shape[:2]
-    if original_size is not None:
-        work = working_size(*original_size, options.max_side)
-        if work != (width, height):
+    original = (width, height) if original_size is None else tuple(original_size)
+    work = working_size(*original, options.max_side)
+    if work != (width, height):
+        if original_size is not None:
             raise ValueError(f"the image is {width}×{height}, not the working size {work[0]}×{work[1]} "
-                             f"of a {original_size[0]}×{original_size[1]} photo")
-        return pixels, mode, tuple(original_size), work
-    work_w, work_h = working_size(width, height, options.max_side)
-    if (work_w, work_h) != (width, height):
-        pixels = resize(pixels, work_w, work_h)
-    return pixels, mode, (width, height), (work_w, work_h)
+                             f"of a {original[0]}×{original[1]} photo")
+        pixels = resize(pixels, *work)
+    return pixels, mode, original, work
 
 
 def _coupling(key: bytes, budget: Budget, field: Any, dtype: np.dtype, method: Method) -> Coupling:

@@ -208,7 +208,7 @@ class _Protected:
     self_check_asr: float | None
     exif_removed: tuple[str, ...]
     params: dict[str, Any]
-    # of the pixels as decoded from `data`, which are at hand: hashing `data` would decode it again
+    # of the protected pixels as a reader decodes them, already at hand: hashing `data` would decode it again
     phash: str
 
     def record(self, session, keys: UserKeys, model_row, source: str, file_name: str | None,
